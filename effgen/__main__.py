@@ -1,0 +1,5 @@
+import sys
+
+from effgen.cli import main
+
+sys.exit(main())
