@@ -1,0 +1,246 @@
+"""Read a trained Keras model into a flat chain of operations that code generators
+can print.
+
+The graph is walked structurally, from the model output back to its input, through
+each tensor's producing layer (never by layer names). What effgen deploys is a chain:
+
+    Input -> [Dense | Residual | Dropout]* -> Softmax?
+
+where Residual is Keras' `Add()([x, Dense(x)])` (the seed's skip connection). Any other
+layer or wiring raises UnsupportedModelError naming the layer and its class, so that an
+unknown graph is refused instead of miscompiled.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+ACTIVATIONS = ("linear", "tanh", "sigmoid", "relu", "elu")
+
+
+class UnsupportedModelError(ValueError):
+    """The Keras model cannot be expressed as effgen's chain of operations."""
+
+
+@dataclass
+class Dense:
+    """y = act(x @ kernel + bias); kernel has shape (n_in, n_out)."""
+    kernel: np.ndarray
+    bias: np.ndarray
+    activation: str
+    name: str
+
+    @property
+    def n_in(self):
+        return self.kernel.shape[0]
+
+    @property
+    def n_out(self):
+        return self.kernel.shape[1]
+
+
+@dataclass
+class Residual:
+    """y = x + act(x @ kernel + bias): Add()([x, Dense(x)]) with a square kernel."""
+    dense: Dense
+    name: str
+
+    @property
+    def n_in(self):
+        return self.dense.n_in
+
+    @property
+    def n_out(self):
+        return self.dense.n_out
+
+
+@dataclass
+class Softmax:
+    n: int
+    name: str
+
+    @property
+    def n_in(self):
+        return self.n
+
+    @property
+    def n_out(self):
+        return self.n
+
+
+@dataclass
+class Chain:
+    n_inputs: int
+    ops: List[object] = field(default_factory=list)
+
+    @property
+    def n_outputs(self):
+        return self.ops[-1].n_out if self.ops else self.n_inputs
+
+    @property
+    def ends_with_softmax(self):
+        return bool(self.ops) and isinstance(self.ops[-1], Softmax)
+
+    def describe(self) -> str:
+        parts = [f"Input({self.n_inputs})"]
+        for op in self.ops:
+            if isinstance(op, Dense):
+                parts.append(f"Dense({op.n_out}, {op.activation})")
+            elif isinstance(op, Residual):
+                parts.append(f"Residual({op.n_out}, {op.dense.activation})")
+            else:
+                parts.append("Softmax")
+        return " -> ".join(parts)
+
+
+def _where(layer) -> str:
+    return f"layer {layer.name!r} ({type(layer).__name__})"
+
+
+def _producer(tensor):
+    """The layer that produced `tensor` and the input tensors of that call."""
+    layer, node_index, _ = tensor._keras_history
+    node = layer._inbound_nodes[node_index]
+    return layer, list(node.input_tensors)
+
+
+def _dense(layer) -> Dense:
+    config = layer.get_config()
+    activation = config.get("activation", "linear")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"{_where(layer)}: activation {activation!r} is not supported "
+            f"(supported: {', '.join(ACTIVATIONS)}; use a separate Softmax layer for softmax)")
+    weights = layer.get_weights()
+    kernel = np.asarray(weights[0], dtype=np.float32)
+    if kernel.ndim != 2:
+        raise UnsupportedModelError(f"{_where(layer)}: kernel of rank {kernel.ndim}, expected 2")
+    bias = (np.asarray(weights[1], dtype=np.float32) if layer.use_bias
+            else np.zeros(kernel.shape[1], dtype=np.float32))
+    return Dense(kernel=kernel, bias=bias, activation=activation, name=layer.name)
+
+
+def _skip_dropout(tensor):
+    """Dropout is the identity at inference: follow it back to its input."""
+    while True:
+        layer, inputs = _producer(tensor)
+        if type(layer).__name__ != "Dropout":
+            return tensor
+        tensor = inputs[0]
+
+
+def _residual(layer, inputs):
+    """Match Add()([x, Dense(x)]) in either operand order; return (Residual, x)."""
+    if len(inputs) != 2:
+        raise UnsupportedModelError(
+            f"{_where(layer)}: Add of {len(inputs)} tensors; only Add()([x, Dense(x)]) is supported")
+    for skip, branch in (inputs, inputs[::-1]):
+        branch_layer, branch_inputs = _producer(_skip_dropout(branch))
+        if type(branch_layer).__name__ != "Dense" or len(branch_inputs) != 1:
+            continue
+        if _skip_dropout(branch_inputs[0]) is _skip_dropout(skip):
+            dense = _dense(branch_layer)
+            if dense.n_in != dense.n_out:
+                raise UnsupportedModelError(
+                    f"{_where(layer)}: adds a Dense of shape {dense.kernel.shape} to its "
+                    f"input; the residual needs a square kernel")
+            return Residual(dense=dense, name=layer.name), skip
+    raise UnsupportedModelError(
+        f"{_where(layer)}: operands are not a tensor and a Dense of that same tensor")
+
+
+def read_chain(model) -> Chain:
+    """Walk `model` from its single output back to its single input."""
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UnsupportedModelError(
+            f"model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} "
+            f"outputs; effgen deploys one input and one output")
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 2 or shape[1] is None:
+        raise UnsupportedModelError(f"model input shape {shape}: expected (None, n_features)")
+
+    ops = []
+    tensor = model.outputs[0]
+    while True:
+        layer, inputs = _producer(tensor)
+        kind = type(layer).__name__
+        if kind == "InputLayer":
+            break
+        if kind == "Dropout":
+            tensor = inputs[0]
+            continue
+        if kind == "Dense":
+            ops.append(_dense(layer))
+            tensor = inputs[0]
+        elif kind == "Add":
+            residual, tensor = _residual(layer, inputs)
+            ops.append(residual)
+        elif kind == "Softmax":
+            if ops:
+                raise UnsupportedModelError(f"{_where(layer)}: Softmax is only supported as the last layer")
+            axis = layer.get_config().get("axis", -1)
+            if axis not in (-1, 1, [-1], [1], (-1,), (1,)):
+                raise UnsupportedModelError(f"{_where(layer)}: softmax over axis {axis}")
+            ops.append(Softmax(n=int(tensor.shape[-1]), name=layer.name))
+            tensor = inputs[0]
+        else:
+            raise UnsupportedModelError(f"{_where(layer)} is not supported by effgen")
+        if len(inputs) != 1 and kind != "Add":
+            raise UnsupportedModelError(f"{_where(layer)} has {len(inputs)} inputs")
+
+    chain = Chain(n_inputs=int(shape[1]), ops=ops[::-1])
+    _check_shapes(chain)
+    return chain
+
+
+def _check_shapes(chain: Chain):
+    width = chain.n_inputs
+    for op in chain.ops:
+        if op.n_in != width:
+            raise UnsupportedModelError(
+                f"layer {op.name!r}: expects {op.n_in} inputs but receives {width}")
+        width = op.n_out
+
+
+def load_chain(path) -> Chain:
+    """Load a `.keras` file and read its chain; errors name the file."""
+    import keras
+
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load Keras model {path}: {err}") from err
+    try:
+        return read_chain(model)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{path}: {err}") from err
+
+
+def _activate(z, activation):
+    if activation == "tanh":
+        return np.tanh(z)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-z))
+    if activation == "relu":
+        return np.maximum(z, 0.0)
+    if activation == "elu":
+        return np.where(z > 0, z, np.expm1(np.minimum(z, 0.0)))
+    return z
+
+
+def evaluate(chain: Chain, x: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Reference evaluation of the chain in numpy (float64 by default), used to
+    separate code-generation errors from framework rounding in tests."""
+    h = np.asarray(x, dtype=dtype)
+    for op in chain.ops:
+        if isinstance(op, Dense):
+            h = _activate(h @ op.kernel.astype(dtype) + op.bias.astype(dtype), op.activation)
+        elif isinstance(op, Residual):
+            d = op.dense
+            h = h + _activate(h @ d.kernel.astype(dtype) + d.bias.astype(dtype), d.activation)
+        else:
+            z = h - h.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            h = e / e.sum(axis=1, keepdims=True)
+    return h
