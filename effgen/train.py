@@ -1,0 +1,487 @@
+"""`effgen train`: the seed notebook's two-phase training, resumable after a crash.
+
+Phase 1 ("pretraining") uses a high learning rate and a little label smoothing; phase 2
+("finetuning") a lower rate and no smoothing, so the outputs keep a probabilistic
+meaning. Each phase stops at early stopping, at its time limit (checked at epoch end)
+or at the maximum number of epochs, and ends on its best weights.
+
+Nothing is lost on a crash: a run directory beside the model (`<model>.checkpoints/`)
+holds, per phase, the last and the best model (with optimizer state) and `state.json`
+(epochs done, per-epoch history, which phase finished). `--resume` continues from
+there; the directory is removed once the final model is written.
+"""
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from effgen.atomic import atomic_file, atomic_path
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    label_smoothing: float
+    learning_rate: float
+    patience: int
+
+
+PHASES = (
+    Phase("pretraining", label_smoothing=0.01, learning_rate=1e-2, patience=3),
+    Phase("finetuning", label_smoothing=0.0, learning_rate=1e-3, patience=5),
+)
+
+
+# ---- callbacks (Keras is imported only when one is first asked for) ------------------
+
+_CLASSES = {}
+
+
+def _callback_classes():
+    if _CLASSES:
+        return _CLASSES
+    import keras
+
+    class TimeLimitCallback(keras.callbacks.Callback):
+        """Stop training at the end of the first epoch that finishes after `limit_s`
+        seconds (`already_s` counts time spent before a resume), like the seed's."""
+
+        def __init__(self, limit_s, already_s=0.0):
+            super().__init__()
+            self.limit_s = float(limit_s)
+            self.already_s = float(already_s)
+            self.fired = False
+            self.elapsed_s = self.already_s
+
+        def on_train_begin(self, logs=None):
+            self._start = time.monotonic()
+            self.fired = False
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.elapsed_s = self.already_s + time.monotonic() - self._start
+            if self.elapsed_s > self.limit_s:
+                self.model.stop_training = True
+                self.fired = True
+                print(f"\nTraining stopped after {self.elapsed_s:.2f}s (limit: {self.limit_s:g}s)",
+                      flush=True)
+
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        """EarlyStopping whose counters can be restored from a previous, interrupted fit."""
+
+        def __init__(self, *args, resume_from=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.resume_from = resume_from
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            if self.resume_from is not None:
+                self.best = self.resume_from["best"]
+                self.best_epoch = self.resume_from["best_epoch"]
+                self.wait = self.resume_from["wait"]
+                self.best_weights = self.resume_from["best_weights"]
+
+    class PhaseRecorder(keras.callbacks.Callback):
+        """After every epoch: append it to the state, save the last (and, if it
+        improved, the best) model, then write state.json. Runs after the stopping
+        callbacks so it never saves a state they are about to change."""
+
+        def __init__(self, run, phase, already_s):
+            super().__init__()
+            self.run, self.phase, self.already_s = run, phase, already_s
+
+        def on_train_begin(self, logs=None):
+            self._start = time.monotonic()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._epoch_start = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            now = time.monotonic()
+            logs = logs or {}
+            record = {
+                "epoch": epoch + 1,
+                "loss": _finite_or_none(logs.get("loss")),
+                "val_loss": _finite_or_none(logs.get("val_loss")),
+                "wall_s": round(now - self._epoch_start, 4),
+                "elapsed_s": round(self.already_s + now - self._start, 4),
+            }
+            ph = self.run.state["phases"][self.phase.name]
+            improved = record["val_loss"] is not None and (
+                ph["best_val_loss"] is None or record["val_loss"] < ph["best_val_loss"])
+            ph["epochs"].append(record)
+            ph["elapsed_s"] = record["elapsed_s"]
+            self.run.save_model(self.model, self.phase, "last")
+            if improved:
+                ph["best_val_loss"], ph["best_epoch"] = record["val_loss"], record["epoch"]
+                self.run.save_model(self.model, self.phase, "best")
+            self.run.write_state()
+
+    _CLASSES.update(TimeLimitCallback=TimeLimitCallback,
+                    ResumableEarlyStopping=ResumableEarlyStopping,
+                    PhaseRecorder=PhaseRecorder)
+    return _CLASSES
+
+
+def __getattr__(name):
+    # `from effgen.train import TimeLimitCallback` works without importing Keras
+    # when this module is merely imported (e.g. by `effgen --help`).
+    if name in ("TimeLimitCallback", "ResumableEarlyStopping", "PhaseRecorder"):
+        return _callback_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _finite_or_none(value):
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# ---- the run directory -----------------------------------------------------------------
+
+def checkpoint_dir(output_model) -> Path:
+    output_model = Path(output_model)
+    return output_model.with_name(output_model.stem + ".checkpoints")
+
+
+class RunDir:
+    """state.json plus `<phase>-{last,best}.keras` in one directory."""
+
+    def __init__(self, path, fingerprint):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.state = {
+            "format": STATE_FORMAT,
+            "fingerprint": fingerprint,
+            "phases": {p.name: {"done": False, "stop_reason": None, "epochs": [],
+                                "elapsed_s": 0.0, "best_epoch": None, "best_val_loss": None,
+                                "resumed_at_epochs": []}
+                       for p in PHASES},
+        }
+
+    @property
+    def state_path(self):
+        return self.path / "state.json"
+
+    def model_path(self, phase, which):
+        return self.path / f"{phase.name}-{which}.keras"
+
+    def save_model(self, model, phase, which):
+        with atomic_path(self.model_path(phase, which)) as tmp:
+            model.save(tmp)
+
+    def load_model(self, phase, which):
+        import keras
+        path = self.model_path(phase, which)
+        if not path.exists():
+            raise FileNotFoundError(f"cannot resume: {path} is missing (state.json says it exists)")
+        return keras.models.load_model(path)
+
+    def write_state(self):
+        with atomic_file(self.state_path, "w") as f:
+            json.dump(self.state, f, indent=1)
+
+    def try_resume(self):
+        """Load a previous state if it belongs to the same run; return why not otherwise."""
+        if not self.state_path.exists():
+            return f"no previous run in {self.path}"
+        try:
+            old = json.loads(self.state_path.read_text())
+        except (OSError, ValueError) as err:
+            return f"{self.state_path} is unreadable ({err})"
+        if old.get("format") != STATE_FORMAT:
+            return f"{self.state_path} has format {old.get('format')!r}, expected {STATE_FORMAT}"
+        if old.get("fingerprint") != self.fingerprint:
+            changed = sorted(k for k in set(old.get("fingerprint", {})) | set(self.fingerprint)
+                             if old.get("fingerprint", {}).get(k) != self.fingerprint.get(k))
+            return f"{self.state_path} is from a different run (changed: {', '.join(changed)})"
+        self.state = old
+        return None
+
+    def clear(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+# ---- the two phases --------------------------------------------------------------------
+
+def _compile(model, phase):
+    import keras
+    model.compile(loss=keras.losses.CategoricalCrossentropy(label_smoothing=phase.label_smoothing),
+                  optimizer=keras.optimizers.RMSprop(phase.learning_rate))
+
+
+def _resume_early_stopping(run, phase, epochs):
+    """Early-stopping counters as they were after the last recorded epoch."""
+    ph = run.state["phases"][phase.name]
+    if ph["best_epoch"] is None:
+        return None
+    return {
+        "best": ph["best_val_loss"],
+        "best_epoch": ph["best_epoch"] - 1,
+        "wait": len(epochs) - ph["best_epoch"],
+        "best_weights": run.load_model(phase, "best").get_weights(),
+    }
+
+
+def run_phases(build, make_train_data, validation_data, run, *, steps_per_epoch, max_epochs,
+               limits, verbose=2):
+    """Run (or continue) both phases; return the model on phase 2's best weights.
+
+    build() -> an uncompiled fresh model; make_train_data(phase_index, epochs_done) ->
+    an endless tf.data dataset of batches; validation_data is what Keras' fit takes
+    (here, a one-batch dataset); run is a RunDir; limits gives each phase's seconds."""
+    cls = _callback_classes()
+    model = None
+    for index, (phase, limit_s) in enumerate(zip(PHASES, limits)):
+        ph = run.state["phases"][phase.name]
+        epochs = ph["epochs"]
+        if ph["done"]:
+            print(f"== {phase.name}: already finished after {len(epochs)} epochs "
+                  f"({ph['stop_reason']}); skipping", flush=True)
+            model = None  # the next phase starts from this phase's best, loaded below
+            continue
+        if epochs:
+            print(f"== {phase.name}: resuming after epoch {len(epochs)} "
+                  f"({ph['elapsed_s']:.1f}s of {limit_s:g}s used)", flush=True)
+            ph["resumed_at_epochs"].append(len(epochs))
+            model = run.load_model(phase, "last")  # compiled, optimizer state included
+            resume_es = _resume_early_stopping(run, phase, epochs)
+        else:
+            if model is None:
+                model = _load_phase_result(run, PHASES[index - 1]) if index else build()
+            _compile(model, phase)
+            resume_es = None
+            print(f"== {phase.name}: learning rate {phase.learning_rate:g}, label smoothing "
+                  f"{phase.label_smoothing:g}, patience {phase.patience}, limit {limit_s:g}s, "
+                  f"{model.count_params():,} parameters", flush=True)
+
+        early = cls["ResumableEarlyStopping"](monitor="val_loss", patience=phase.patience,
+                                              restore_best_weights=True, resume_from=resume_es)
+        timer = cls["TimeLimitCallback"](limit_s, already_s=ph["elapsed_s"])
+        recorder = cls["PhaseRecorder"](run, phase, already_s=ph["elapsed_s"])
+        stop_reason = _already_over(ph, phase, max_epochs, limit_s, resume_es)
+        if stop_reason is None:
+            model.fit(make_train_data(index, len(epochs)), initial_epoch=len(epochs),
+                      epochs=max_epochs, steps_per_epoch=steps_per_epoch,
+                      validation_data=validation_data,
+                      callbacks=[early, timer, recorder], verbose=verbose, shuffle=False)
+            if early.stopped_epoch > 0:
+                stop_reason = "early_stopping"
+            elif timer.fired:
+                stop_reason = "time_limit"
+            else:
+                stop_reason = "max_epochs"
+        elif resume_es is not None:
+            model.set_weights(resume_es["best_weights"])
+        ph["done"], ph["stop_reason"] = True, stop_reason
+        run.write_state()
+        print(f"== {phase.name}: stopped by {stop_reason} after {len(epochs)} epochs, "
+              f"{ph['elapsed_s']:.1f}s; best val_loss {ph['best_val_loss']} "
+              f"at epoch {ph['best_epoch']}", flush=True)
+    if model is None:  # everything was already done
+        model = _load_phase_result(run, PHASES[-1])
+    return model
+
+
+def _load_phase_result(run, phase):
+    """A finished phase's model: its best epoch, or its last one if no epoch had a
+    finite val_loss."""
+    which = "best" if run.state["phases"][phase.name]["best_epoch"] is not None else "last"
+    return run.load_model(phase, which)
+
+
+def _already_over(ph, phase, max_epochs, limit_s, resume_es):
+    """Why an interrupted phase needs no more epochs, if it does not."""
+    n = len(ph["epochs"])
+    if n >= max_epochs:
+        return "max_epochs"
+    if n and ph["elapsed_s"] > limit_s:
+        return "time_limit"
+    if resume_es is not None and resume_es["wait"] >= phase.patience:
+        return "early_stopping"
+    return None
+
+
+# ---- outputs ---------------------------------------------------------------------------
+
+def make_history(run, limits, max_epochs, config, n_params):
+    phases = []
+    for phase, limit_s in zip(PHASES, limits):
+        ph = run.state["phases"][phase.name]
+        phases.append({
+            "name": phase.name, "label_smoothing": phase.label_smoothing,
+            "learning_rate": phase.learning_rate, "patience": phase.patience,
+            "limit_s": limit_s, "max_epochs": max_epochs,
+            **{k: ph[k] for k in ("stop_reason", "best_epoch", "best_val_loss", "elapsed_s",
+                                  "resumed_at_epochs", "epochs")},
+        })
+    return {"config": config, "n_params": n_params, "phases": phases,
+            "wall_s": round(sum(p["elapsed_s"] for p in phases), 3)}
+
+
+def plot_history(history, path):
+    """Both phases' loss and val_loss on one log-scale plot, the phase boundary marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    offset = 0
+    colors = {"loss": "tab:blue", "val_loss": "tab:orange"}
+    for i, phase in enumerate(history["phases"]):
+        xs = [offset + e["epoch"] for e in phase["epochs"]]
+        for key, color in colors.items():
+            ys = [e[key] if e[key] is not None and e[key] > 0 else float("nan")
+                  for e in phase["epochs"]]
+            ax.plot(xs, ys, "o-" if i else "s--", color=color, ms=3,
+                    label=f"{key.replace('val_loss', 'validation').replace('loss', 'training')} "
+                          f"({phase['name']})")
+        offset += len(phase["epochs"])
+        if i + 1 < len(history["phases"]):
+            ax.axvline(offset + 0.5, color="grey", ls=":", label="phase boundary")
+    ax.set_xlabel("epoch (both phases)")
+    ax.set_ylabel("categorical cross-entropy (+ L2)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ---- the function API ------------------------------------------------------------------
+
+def _data_fingerprint(reader):
+    files = []
+    for p in sorted(Path(f) for f in reader.data_files):
+        st = p.stat()
+        files.append([p.name, st.st_size, st.st_mtime_ns])
+    return {"features": list(reader.features), "labels": list(reader.labels), "files": files}
+
+
+def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoch, max_epochs,
+          pre_limit_s, ft_limit_s, width=128, blocks=5, seed=0, resume=False, verbose=2) -> dict:
+    """Train the seed model on the shards in `train_dir`, validating on one batch of
+    `validation_dir`; write `output_model` (.keras), history.json and loss.png beside
+    it, and return the history."""
+    output_model = Path(output_model)
+    if output_model.suffix != ".keras":
+        raise ValueError(f"output model {output_model} must end in .keras (Keras requires it)")
+    for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch),
+                        ("max_epochs", max_epochs)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+    import keras
+    import tensorflow as tf
+
+    from effgen.model import build_model
+    from effgen.reader import FeatherReader
+
+    train_reader, val_reader = FeatherReader(train_dir), FeatherReader(validation_dir)
+    if (list(train_reader.features), list(train_reader.labels)) != \
+            (list(val_reader.features), list(val_reader.labels)):
+        raise ValueError(f"{train_dir} and {validation_dir} name different features/labels")
+    if train_reader.n_rows < batch_size:
+        raise ValueError(f"{train_dir} has {train_reader.n_rows} rows, fewer than one batch "
+                         f"of {batch_size}: lower --batch-size")
+
+    config = {"width": width, "blocks": blocks, "batch_size": batch_size,
+              "steps_per_epoch": steps_per_epoch, "seed": seed,
+              "n_features": len(train_reader.features), "n_classes": len(train_reader.labels),
+              "train_rows": train_reader.n_rows, "validation_rows": val_reader.n_rows}
+    fingerprint = {"config": {k: config[k] for k in ("width", "blocks", "batch_size",
+                                                     "steps_per_epoch", "seed")},
+                   "train": _data_fingerprint(train_reader),
+                   "validation": _data_fingerprint(val_reader)}
+
+    run = RunDir(checkpoint_dir(output_model), fingerprint)
+    if resume:
+        why_not = run.try_resume()
+        if why_not:
+            print(f"effgen train: starting afresh: {why_not}", file=sys.stderr, flush=True)
+            run.clear()
+    else:
+        run.clear()
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_state()
+
+    keras.utils.set_random_seed(seed)
+    x_val, y_val = next(iter(val_reader.as_tf_dataset().batch(batch_size)))
+    validation_data = tf.data.Dataset.from_tensors((x_val, y_val))
+
+    def make_train_data(phase_index, epochs_done):
+        # A different shuffle per phase and per resume, reproducible from the seed.
+        shuffle_seed = seed * 1_000_003 + phase_index * 10_007 + epochs_done
+        return (train_reader.as_tf_dataset(shuffle=True, seed=shuffle_seed)
+                .batch(batch_size, drop_remainder=True).repeat().prefetch(tf.data.AUTOTUNE))
+
+    def build():
+        return build_model(config["n_features"], config["n_classes"], width, blocks, seed=seed)
+
+    limits = (float(pre_limit_s), float(ft_limit_s))
+    model = run_phases(build, make_train_data, validation_data, run,
+                       steps_per_epoch=steps_per_epoch, max_epochs=max_epochs, limits=limits,
+                       verbose=verbose)
+
+    history = make_history(run, limits, max_epochs, config, model.count_params())
+    history["features"] = list(train_reader.features)
+    history["labels"] = list(train_reader.labels)
+    with atomic_file(output_model.with_name("history.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    plot_history(history, output_model.with_name("loss.png"))
+    # The model last: its existence (make's target) implies the rest is there.
+    with atomic_path(output_model) as tmp:
+        model.save(tmp)
+    run.clear()
+    print(f"effgen train: wrote {output_model} ({model.count_params():,} parameters, "
+          f"{history['wall_s']:.1f}s of training)", flush=True)
+    return history
+
+
+# ---- the CLI ---------------------------------------------------------------------------
+
+def register(subparsers):
+    from effgen.config import default_paths, env_int
+
+    paths = default_paths()
+    p = subparsers.add_parser(
+        "train", help="train the efficiency model (two phases, resumable)",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--train-data", type=Path, default=paths["train"],
+                   help="training shard directory (env TRAIN_DATA; default %(default)s)")
+    p.add_argument("--validation-data", type=Path, default=paths["validation"],
+                   help="validation shard directory (env VALIDATION_DATA; default %(default)s)")
+    p.add_argument("--output", type=Path, default=paths["model"],
+                   help="output model, .keras (env OUTPUT_MODEL; default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=env_int("BATCH_SIZE", 100_000),
+                   help="rows per batch (env BATCH_SIZE; default %(default)s)")
+    p.add_argument("--steps-per-epoch", type=int, default=50, help="default %(default)s")
+    p.add_argument("--max-epochs", type=int, default=env_int("MAX_EPOCHS", 100),
+                   help="per phase (env MAX_EPOCHS; default %(default)s)")
+    p.add_argument("--pre-limit", type=float,
+                   default=env_int("PRE_TRAINING_TIME_LIMIT_SECONDS", 60),
+                   help="phase 1 seconds (env PRE_TRAINING_TIME_LIMIT_SECONDS; default %(default)s)")
+    p.add_argument("--ft-limit", type=float,
+                   default=env_int("FINE_TUNING_TIME_LIMIT_SECONDS", 600),
+                   help="phase 2 seconds (env FINE_TUNING_TIME_LIMIT_SECONDS; default %(default)s)")
+    p.add_argument("--width", type=int, default=128, help="hidden units (default %(default)s)")
+    p.add_argument("--blocks", type=int, default=5, help="residual blocks (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="default %(default)s")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint directory")
+    p.set_defaults(func=_main)
+
+
+def _main(args):
+    train(args.train_data, args.validation_data, args.output, batch_size=args.batch_size,
+          steps_per_epoch=args.steps_per_epoch, max_epochs=args.max_epochs,
+          pre_limit_s=args.pre_limit, ft_limit_s=args.ft_limit, width=args.width,
+          blocks=args.blocks, seed=args.seed, resume=args.resume)
+    return 0

@@ -1,0 +1,190 @@
+"""Training: the seed's two phases, their stopping rules, and resuming after a crash.
+
+Models are tiny (width 8, 1 block) and epochs are 5 batches of 256 rows."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from effgen.model import build_model
+from effgen.train import PHASES, RunDir, TimeLimitCallback, run_phases
+
+BATCH, STEPS = 256, 5
+
+
+def _learnable(n=4096, seed=0):
+    """Labels drawn from probabilities that depend on the features."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 12)).astype("float32")
+    logits = np.stack([x[:, 0], 2 * x[:, 1], -x[:, 0], np.zeros(n)], axis=1)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    cls = (rng.random(n)[:, None] > np.cumsum(p, axis=1)).sum(axis=1)
+    return x, np.eye(4, dtype="float32")[cls]
+
+
+def _batches(x, y, seed=0):
+    return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
+            .batch(BATCH, drop_remainder=True).repeat())
+
+
+def _run_dir(tmp_path, fingerprint=None):
+    run = RunDir(tmp_path / "model.checkpoints", fingerprint or {"test": 1})
+    run.path.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def _build():
+    return build_model(width=8, n_blocks=1, seed=0)
+
+
+def _fit(run, make_data, val, *, max_epochs, limits):
+    return run_phases(_build, make_data, val, run, steps_per_epoch=STEPS,
+                      max_epochs=max_epochs, limits=limits, verbose=0)
+
+
+def test_time_limit_callback_stops_and_prints(capsys):
+    x, y = _learnable(1024)
+    model = _build()
+    model.compile(loss="categorical_crossentropy", optimizer="rmsprop")
+    stop = TimeLimitCallback(0)
+    hist = model.fit(x, y, epochs=6, batch_size=BATCH, callbacks=[stop], verbose=0)
+    assert len(hist.history["loss"]) == 1
+    assert stop.fired
+    assert "Training stopped after" in capsys.readouterr().out
+
+    keep = TimeLimitCallback(3600)
+    hist = model.fit(x, y, epochs=3, batch_size=BATCH, callbacks=[keep], verbose=0)
+    assert len(hist.history["loss"]) == 3
+    assert not keep.fired
+    assert "Training stopped" not in capsys.readouterr().out
+
+
+def test_both_phases_run_with_the_seed_recipe_and_end_on_best_weights(tmp_path):
+    x, y = _learnable()
+    val = tf.data.Dataset.from_tensors((x[:1000], y[:1000]))
+    seen_phases = []
+
+    def make_data(phase_index, epochs_done):
+        seen_phases.append((phase_index, epochs_done))
+        return _batches(x, y, seed=phase_index)
+
+    run = _run_dir(tmp_path)
+    model = _fit(run, make_data, val, max_epochs=3, limits=(3600, 3600))
+    assert seen_phases == [(0, 0), (1, 0)]
+    state = json.loads(run.state_path.read_text())
+    for phase in PHASES:
+        ph = state["phases"][phase.name]
+        assert ph["done"] and ph["stop_reason"] == "max_epochs"
+        assert [e["epoch"] for e in ph["epochs"]] == [1, 2, 3]
+        assert all(np.isfinite([e["loss"], e["val_loss"]]).all() for e in ph["epochs"])
+        val_losses = [e["val_loss"] for e in ph["epochs"]]
+        assert ph["best_val_loss"] == min(val_losses)
+        assert ph["best_epoch"] == 1 + int(np.argmin(val_losses))
+    # Phase 2 compiled without label smoothing at the lower rate.
+    assert model.optimizer.learning_rate.numpy() == pytest.approx(PHASES[1].learning_rate)
+    assert model.loss.get_config()["label_smoothing"] == 0
+    best = run.load_model(PHASES[1], "best")
+    for a, b in zip(model.get_weights(), best.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # Learning happened: phase 2's best is below the first epoch of phase 1.
+    assert state["phases"]["finetuning"]["best_val_loss"] < \
+        state["phases"]["pretraining"]["epochs"][0]["val_loss"]
+
+
+def test_early_stopping_uses_each_phase_patience_and_restores_the_best(tmp_path):
+    # Training pushes towards class 1 while validation is all class 0, so the
+    # validation loss rises after the first epoch of each phase.
+    x, _ = _learnable(2048)
+    y_train = np.tile(np.eye(4, dtype="float32")[1], (len(x), 1))
+    y_val = np.tile(np.eye(4, dtype="float32")[0], (512, 1))
+    val = tf.data.Dataset.from_tensors((x[:512], y_val))
+    run = _run_dir(tmp_path)
+    model = _fit(run, lambda i, e: _batches(x, y_train), val, max_epochs=50, limits=(3600, 3600))
+    phases = run.state["phases"]
+    for phase in PHASES:
+        ph = phases[phase.name]
+        assert ph["stop_reason"] == "early_stopping"
+        assert ph["best_epoch"] == 1
+        assert len(ph["epochs"]) == 1 + phase.patience
+    val_loss = model.evaluate(x[:512], y_val, batch_size=512, verbose=0)
+    assert val_loss == pytest.approx(phases["finetuning"]["best_val_loss"], rel=1e-5)
+
+
+def test_time_limit_stops_each_phase(tmp_path, capsys):
+    x, y = _learnable()
+    val = tf.data.Dataset.from_tensors((x[:500], y[:500]))
+    run = _run_dir(tmp_path)
+    _fit(run, lambda i, e: _batches(x, y), val, max_epochs=50, limits=(0, 0))
+    for phase in PHASES:
+        ph = run.state["phases"][phase.name]
+        assert ph["stop_reason"] == "time_limit"
+        assert len(ph["epochs"]) == 1
+    assert capsys.readouterr().out.count("Training stopped after") == 2
+
+
+def _crashing(x, y, after_batches):
+    """Like _batches, but the source fails mid-phase, as the seed's did when a
+    shard vanished."""
+    def gen():
+        for i in range(10**9):
+            if i >= after_batches:
+                raise FileNotFoundError("shard vanished")
+            j = (i * BATCH) % (len(x) - BATCH)
+            yield x[j:j + BATCH], y[j:j + BATCH]
+    spec = (tf.TensorSpec((BATCH, 12), tf.float32), tf.TensorSpec((BATCH, 4), tf.float32))
+    return tf.data.Dataset.from_generator(gen, output_signature=spec)
+
+
+def test_resume_after_a_crash_skips_the_finished_phase_and_continues(tmp_path, capsys):
+    x, y = _learnable()
+    val = tf.data.Dataset.from_tensors((x[:1000], y[:1000]))
+
+    def crash_in_phase_2(phase_index, epochs_done):
+        return _batches(x, y) if phase_index == 0 else _crashing(x, y, 2 * STEPS + 2)
+
+    run = _run_dir(tmp_path)
+    with pytest.raises(Exception, match="shard vanished"):
+        _fit(run, crash_in_phase_2, val, max_epochs=3, limits=(3600, 3600))
+    before = json.loads(run.state_path.read_text())
+    assert before["phases"]["pretraining"]["done"]
+    assert not before["phases"]["finetuning"]["done"]
+    assert len(before["phases"]["finetuning"]["epochs"]) == 2
+    capsys.readouterr()
+
+    resumed = RunDir(run.path, {"test": 1})
+    assert resumed.try_resume() is None
+    calls = []
+
+    def healthy(phase_index, epochs_done):
+        calls.append((phase_index, epochs_done))
+        return _batches(x, y)
+
+    model = _fit(resumed, healthy, val, max_epochs=6, limits=(3600, 3600))
+    out = capsys.readouterr().out
+    assert calls == [(1, 2)]  # phase 1 not re-run
+    assert "pretraining: already finished" in out
+    after = resumed.state["phases"]
+    assert after["pretraining"] == before["phases"]["pretraining"]
+    ft = after["finetuning"]
+    assert ft["done"] and ft["resumed_at_epochs"] == [2]
+    assert [e["epoch"] for e in ft["epochs"]] == [1, 2, 3, 4, 5, 6]
+    assert ft["epochs"][:2] == before["phases"]["finetuning"]["epochs"]
+    # The time limit counts the time spent before the crash.
+    assert ft["epochs"][2]["elapsed_s"] > before["phases"]["finetuning"]["elapsed_s"]
+    # The optimizer state came back with the checkpoint: its step count spans the crash.
+    assert int(model.optimizer.iterations) == 6 * STEPS
+    best = resumed.load_model(PHASES[1], "best")
+    for a, b in zip(model.get_weights(), best.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    run = _run_dir(tmp_path, {"config": {"width": 8}})
+    run.write_state()
+    assert RunDir(run.path, {"config": {"width": 8}}).try_resume() is None
+    why = RunDir(run.path, {"config": {"width": 16}}).try_resume()
+    assert "different run" in why and "config" in why
+    assert "no previous run" in RunDir(tmp_path / "elsewhere", {}).try_resume()
