@@ -1,0 +1,208 @@
+"""The shared ABI layer, on a hand-written core whose outputs the test controls:
+out[k] = in[k] + in[k+4] * in[k+8], so in[0..3] are the raw probabilities and
+in[4+k] = inf, in[8+k] = 0 makes the core itself return a NaN."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from effgen.abi import exported_names, python_track_type, render_abi
+from effgen.compile import (Library, check_library, compile_shared, exported_symbols,
+                            undefined_symbols)
+
+CORE = """
+static void test_core(float *out, const float *in)
+{
+    int k;
+    for (k = 0; k < 4; ++k)
+        out[k] = in[k] + in[k + 4] * in[k + 8];
+}
+"""
+CORE_BATCH = CORE + """
+static void test_core_batch(float *out, const float *in, long n)
+{
+    long r;
+    for (r = 0; r < n; ++r)
+        test_core(out + 4 * r, in + 12 * r);
+}
+"""
+PEDANTIC = ("-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-pedantic")
+OUTPUTS = ["not_recoed", "long", "upstream", "downstream"]
+NAMES = [f"f{i}" for i in range(12)]
+
+
+def _build(tmp_path, symbol="eff2", has_batch=False):
+    src, hdr = render_abi(CORE_BATCH if has_batch else CORE, "test_core", symbol=symbol,
+                          n_inputs=12, input_names=NAMES, output_names=OUTPUTS,
+                          manifest={"backend": "test", "model_sha256": "00ff"},
+                          has_batch=has_batch)
+    (tmp_path / f"{symbol}.c").write_text(src)
+    (tmp_path / f"{symbol}.h").write_text(hdr)
+    so = compile_shared(tmp_path / f"{symbol}.c", tmp_path / f"lib{symbol}.so", cflags=PEDANTIC)
+    return Library(so, symbol)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["row-loop", "core-batch"])
+def lib(request, tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("abi"), has_batch=request.param)
+
+
+def _rows(p):
+    """Inputs whose core output is exactly the float32 rows `p` (n x 4)."""
+    x = np.zeros((len(p), 12), dtype=np.float32)
+    x[:, :4] = p
+    return x
+
+
+def _lamarr_sum(p):
+    s = p[:, 0].copy()
+    for a in (np.float32(0), np.float32(0), p[:, 1], p[:, 2]):
+        s = (s + a).astype(np.float32)
+    return s
+
+
+def _awkward_probabilities(n, seed=0):
+    """float32 rows near the simplex, many of whose Lamarr sums land on or just past 1."""
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet([1, 1, 1, 0.05], size=n).astype(np.float32)
+    bump = rng.integers(0, 4, size=(n, 3))           # push up by 0..3 ulps
+    for _ in range(3):
+        up = bump > 0
+        p[:, :3] = np.where(up, np.nextafter(p[:, :3], np.float32(2)), p[:, :3])
+        bump -= 1
+    return p
+
+
+def test_exports_exactly_the_four_functions_and_no_finite_imports(lib):
+    assert exported_symbols(lib.path) == sorted(exported_names("eff2"))
+    assert not [s for s in undefined_symbols(lib.path) if s.endswith("_finite")]
+    check_library(lib.path, "eff2")
+    with pytest.raises(RuntimeError, match="exports"):
+        check_library(lib.path, "efficiency")
+
+
+def test_manifest_is_json_with_names_and_build_info(lib):
+    m = lib.manifest()
+    assert m["inputs"] == NAMES and m["outputs"] == OUTPUTS
+    assert m["symbol"] == "eff2" and m["backend"] == "test" and m["model_sha256"] == "00ff"
+    assert "-pedantic" in m["cflags"] and m["compiler"] and m["isa"]
+
+
+def test_valid_probabilities_pass_unchanged(lib):
+    p = np.random.default_rng(1).dirichlet([1, 1, 1, 1], size=5000).astype(np.float32)
+    p = p[_lamarr_sum(p) <= 1]
+    np.testing.assert_array_equal(lib.batch(_rows(p)), p)
+    np.testing.assert_array_equal(lib.per_call(_rows(p[:500])), p[:500])
+
+
+def test_lamarr_sum_never_exceeds_one_and_fix_is_minimal(lib):
+    p = _awkward_probabilities(20000)
+    over = _lamarr_sum(p) > 1
+    assert over.sum() > 1000  # the test data does exercise the fix-up
+    out = lib.batch(_rows(p))
+    assert (_lamarr_sum(out) <= 1).all()
+    np.testing.assert_array_equal(out[~over], p[~over])
+    np.testing.assert_array_equal(out[:, 3], p[:, 3])
+    changed = out != p
+    assert (changed.sum(axis=1)[over] == 1).all()        # one value moved per bad row
+    largest = np.argmax(p[:, :3], axis=1)
+    assert (np.argmax(changed[over, :3], axis=1) == largest[over]).all()
+    # minimal: one ulp less of a step would break Lamarr's rule again
+    undo = out[over].copy()
+    rows = np.arange(len(undo))
+    undo[rows, largest[over]] = np.nextafter(undo[rows, largest[over]], np.float32(2))
+    assert (_lamarr_sum(undo) > 1).all()
+    np.testing.assert_array_equal(lib.per_call(_rows(p[:2000])), out[:2000])
+
+
+def test_values_are_clamped_to_unit_interval(lib):
+    p = np.array([[-0.5, 0.2, 0.3, 1.5], [1.5, -1, -2, 0.5], [-np.inf, np.inf, 0, 0]],
+                 dtype=np.float32)
+    out = lib.batch(_rows(p))
+    assert ((out >= 0) & (out <= 1)).all() and (_lamarr_sum(out) <= 1).all()
+    np.testing.assert_array_equal(out[0], np.float32([0, 0.2, 0.3, 1]))
+    np.testing.assert_array_equal(out[1], np.float32([1, 0, 0, 0.5]))
+
+
+def test_nan_input_anywhere_gives_not_recoed(lib):
+    x = _rows(np.full((12, 4), 0.25, dtype=np.float32))
+    x[np.arange(12), np.arange(12)] = np.nan
+    expected = np.tile(np.float32([1, 0, 0, 0]), (12, 1))
+    np.testing.assert_array_equal(lib.batch(x), expected)
+    np.testing.assert_array_equal(lib.per_call(x), expected)
+    assert (lib.track_type(x, np.float32(0.999)) == 0).all()
+
+
+def test_nan_from_the_core_gives_not_recoed(lib):
+    x = _rows(np.full((4, 4), 0.25, dtype=np.float32))
+    x[np.arange(4), 4 + np.arange(4)] = np.inf   # inf * 0 = NaN inside the core
+    expected = np.tile(np.float32([1, 0, 0, 0]), (4, 1))
+    np.testing.assert_array_equal(lib.batch(x), expected)
+    np.testing.assert_array_equal(lib.per_call(x), expected)
+
+
+def test_batch_of_zero_rows_writes_nothing(lib):
+    out = np.full((1, 4), 7, dtype=np.float32)
+    lib._batch(out.ctypes.data_as(lib._fptr), np.zeros((1, 12), np.float32).ctypes.data_as(lib._fptr), 0)
+    assert (out == 7).all()
+
+
+def test_track_type_matches_python_reference(lib):
+    rng = np.random.default_rng(2)
+    p = _awkward_probabilities(4000, seed=3)
+    x = _rows(p)
+    probs = lib.batch(x)
+    below_one = np.nextafter(np.float32(1), np.float32(0))
+    edge = np.array([0, below_one, 1e-30], dtype=np.float32)
+    for r in [rng.random(len(x), dtype=np.float32), *edge,
+              probs[:, 0], _lamarr_sum(probs),                  # r exactly on a cumulative sum
+              np.nextafter(_lamarr_sum(probs), np.float32(0))]:
+        got = lib.track_type(x, r)
+        np.testing.assert_array_equal(got, python_track_type(probs, r))
+        assert set(np.unique(got)) <= {0, 3, 4, 5}
+
+
+def test_python_track_type_follows_random_category():
+    p = np.float32([[0.5, 0.25, 0.125, 0.125]])
+    # r < p0 -> 0; p0 <= r < p0+p1 -> 3; then 4; the rest -> 5
+    for r, t in [(0.0, 0), (0.49, 0), (0.5, 3), (0.74, 3), (0.75, 4), (0.874, 4), (0.875, 5)]:
+        assert python_track_type(p, r)[0] == t
+    # float accumulation: 0.1f + 0.2f + 0.7f rounds to exactly 1, so nothing is left for 5
+    q = np.float32([[0.1, 0.2, 0.7, 0.0]])
+    assert python_track_type(q, np.nextafter(np.float32(1), np.float32(0)))[0] == 4
+
+
+def test_symbol_parameter_and_header_match_the_library(tmp_path):
+    lib = _build(tmp_path, symbol="eff_other")
+    assert exported_symbols(lib.path) == sorted(exported_names("eff_other"))
+    prog = tmp_path / "main.c"
+    prog.write_text("""
+#include <stdio.h>
+#include "eff_other.h"
+int main(void)
+{
+    float in[EFF_OTHER_N_INPUTS] = {0.5f, 0.25f, 0.125f, 0.125f};
+    float out[EFF_OTHER_N_OUTPUTS], batch[2 * EFF_OTHER_N_OUTPUTS];
+    float in2[2 * EFF_OTHER_N_INPUTS] = {0.5f, 0.25f, 0.125f, 0.125f};
+    float *ret = eff_other(out, in);
+    eff_other_batch(batch, in2, 2);
+    printf("%d %g %g %g %g %d %d %s\\n", ret == out, out[0], out[1], out[2], out[3],
+           eff_other_track_type(in, 0.6f), (int)(batch[4] == 0.0f), eff_other_manifest());
+    return 0;
+}
+""")
+    exe = tmp_path / "main"
+    subprocess.run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", f"-I{tmp_path}",
+                    "-o", str(exe), str(prog), str(lib.path), f"-Wl,-rpath,{tmp_path}"],
+                   check=True, capture_output=True)
+    fields = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split(" ", 7)
+    assert fields[:7] == ["1", "0.5", "0.25", "0.125", "0.125", "3", "1"]
+    assert json.loads(fields[7])["symbol"] == "eff_other"
+
+
+def test_invalid_symbol_is_refused():
+    with pytest.raises(ValueError, match="not a valid C identifier"):
+        render_abi(CORE, "test_core", symbol="1eff", n_inputs=12, input_names=NAMES,
+                   output_names=OUTPUTS, manifest={})
