@@ -1,0 +1,29 @@
+"""Shared data fixtures. Treat their outputs as read-only: copy before mutating."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+TINY_ROWS = 20_000
+TINY_SEED = 3
+TINY_SHARD_ROWS = 4_000  # several shards per split, to exercise shard handling
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A 20k-row synthetic sample, preprocessed and split.
+
+    Returns {"sample", "train", "test", "validation", "preprocessing", "root"} paths
+    plus "rows" ({split: row count}) and "seed"."""
+    from effgen import preprocess, synth
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    sample = root / "sample.feather"
+    synth.write_sample(sample, TINY_ROWS, TINY_SEED, progress=False)
+    out = preprocess.preprocess(sample, root / "data", root / "model" / "tX.pkl", TINY_SEED,
+                                shard_rows=TINY_SHARD_ROWS, progress=False)
+    return {"sample": sample, "train": out["train"], "test": out["test"],
+            "validation": out["validation"], "preprocessing": out["preprocessing"],
+            "root": root, "rows": out["rows"], "seed": TINY_SEED}

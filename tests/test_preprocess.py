@@ -1,0 +1,245 @@
+import pickle
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.feather as feather
+import pytest
+
+from effgen import preprocess, schema, synth
+from effgen.reader import DataError, FeatherReader
+
+SPLITS = ["train", "test", "validation"]
+
+
+def _frame(path):
+    r = FeatherReader(path)
+    return r, r.as_pandas().sort_values("row_id").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def frames(tiny_dataset):
+    return {s: _frame(tiny_dataset[s]) for s in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def sample(tiny_dataset):
+    return feather.read_table(tiny_dataset["sample"]).to_pandas()
+
+
+def test_split_is_disjoint_complete_and_sized(tiny_dataset, frames):
+    ids = {s: frames[s][1]["row_id"].to_numpy() for s in SPLITS}
+    n = sum(len(v) for v in ids.values())
+    assert n == 20_000
+    allids = np.concatenate(list(ids.values()))
+    assert np.array_equal(np.sort(allids), np.arange(n))  # complete and disjoint
+    for split, frac in preprocess.SPLITS.items():
+        assert len(ids[split]) == round(frac * n)
+        assert tiny_dataset["rows"][split] == len(ids[split])
+    # Shuffled: a split is not a contiguous block of the sample.
+    assert ids["validation"].max() - ids["validation"].min() > 0.9 * n
+
+
+def test_definitions_and_columns(frames):
+    reader, df = frames["train"]
+    assert reader.features == schema.FEATURES
+    assert reader.labels == schema.LABELS
+    assert reader.extra == preprocess.EXTRA
+    assert list(df.columns) == schema.FEATURES + schema.LABELS + preprocess.EXTRA
+    shard = feather.read_table(reader.data_files[0])
+    for name in schema.FEATURES + schema.LABELS + schema.TRUTH:
+        assert shard.schema.field(name).type == pa.float32(), name
+    assert len(reader.data_files) == 3  # 10k rows in shards of 4k
+
+
+def test_rows_carry_the_sample_values(sample, frames):
+    for split in SPLITS:
+        _, df = frames[split]
+        src = sample.iloc[df["row_id"].to_numpy()]
+        for name in schema.FEATURES:
+            np.testing.assert_array_equal(df["raw_" + name].to_numpy(), src[name].to_numpy())
+        for name in schema.LABELS + schema.TRUTH + [schema.PID]:
+            np.testing.assert_array_equal(df[name].to_numpy(), src[name].to_numpy())
+
+
+def test_features_are_the_saved_preprocessing_of_raw(tiny_dataset, frames):
+    ct = preprocess.load_preprocessing(tiny_dataset["preprocessing"])
+    for split in SPLITS:
+        _, df = frames[split]
+        raw = df[["raw_" + c for c in schema.FEATURES]].to_numpy()
+        expected = ct.transform(raw.astype(np.float64)).astype(np.float32)
+        np.testing.assert_array_equal(df[schema.FEATURES].to_numpy(), expected)
+    # Continuous columns are ~N(0, 1) on the training split, flags pass through.
+    _, train = frames["train"]
+    cont = train[schema.CONTINUOUS_FEATURES].to_numpy()
+    assert np.abs(cont.mean(axis=0)).max() < 0.05
+    assert np.abs(cont.std(axis=0) - 1).max() < 0.1
+    for name in schema.FLAG_FEATURES:
+        np.testing.assert_array_equal(train[name].to_numpy(), train["raw_" + name].to_numpy())
+
+
+def test_preprocessing_is_fitted_on_training_rows_only(tiny_dataset, frames):
+    ct = preprocess.load_preprocessing(tiny_dataset["preprocessing"])
+    _, train = frames["train"]
+    # 10k training rows <= the QuantileTransformer subsample: row order does not matter.
+    refit = preprocess.fit_preprocessing(train[["raw_" + c for c in schema.FEATURES]].to_numpy(),
+                                         tiny_dataset["seed"])
+    np.testing.assert_array_equal(ct.named_transformers_["quantile"].quantiles_,
+                                  refit.named_transformers_["quantile"].quantiles_)
+    _, test = frames["test"]
+    other = preprocess.fit_preprocessing(test[["raw_" + c for c in schema.FEATURES]].to_numpy(),
+                                         tiny_dataset["seed"])
+    assert not np.array_equal(ct.named_transformers_["quantile"].quantiles_,
+                              other.named_transformers_["quantile"].quantiles_)
+
+
+def test_fit_on_plain_arrays():
+    X = np.random.default_rng(0).normal(size=(2000, 12)).astype(np.float32)
+    ct = preprocess.fit_preprocessing(X, 0)
+    assert not hasattr(ct, "feature_names_in_")
+    assert [t[0] for t in ct.transformers] == ["quantile", "flags"]
+    assert ct.transformers[0][2] == list(range(8)) and ct.transformers[1][2] == list(range(8, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ct.transform(X[:10])
+    assert out.shape == (10, 12)
+    with pytest.raises(ValueError, match="12"):
+        preprocess.fit_preprocessing(X[:, :11], 0)
+
+
+@pytest.fixture
+def small_sample(tmp_path):
+    path = tmp_path / "small.feather"
+    synth.write_sample(path, 3000, 11, progress=False)
+    return path
+
+
+def _run(sample, out, seed=1, **kw):
+    return preprocess.preprocess(sample, out / "data", out / "model" / "tX.pkl", seed,
+                                 shard_rows=700, progress=False, **kw)
+
+
+def _snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_for_a_seed(small_sample, tmp_path):
+    a, b, c = _run(small_sample, tmp_path / "a"), _run(small_sample, tmp_path / "b"), \
+        _run(small_sample, tmp_path / "c", seed=2)
+    for split in SPLITS:
+        ta = FeatherReader(a[split]).as_pandas()
+        assert ta.equals(FeatherReader(b[split]).as_pandas())
+        assert not np.array_equal(ta["row_id"], FeatherReader(c[split]).as_pandas()["row_id"])
+
+
+def test_max_fit_rows(small_sample, tmp_path):
+    out = _run(small_sample, tmp_path, max_fit_rows=500)
+    ct = preprocess.load_preprocessing(out["preprocessing"])
+    assert ct.named_transformers_["quantile"].n_quantiles_ == 500
+
+
+def test_refuses_to_overwrite_without_force(small_sample, tmp_path):
+    _run(small_sample, tmp_path)
+    before = _snapshot(tmp_path / "data"), (tmp_path / "model" / "tX.pkl").read_bytes()
+    with pytest.raises(FileExistsError, match="force"):
+        _run(small_sample, tmp_path, seed=5)
+    cmd = [sys.executable, "-m", "effgen", "preprocess", "--input", str(small_sample),
+           "--output-dir", str(tmp_path / "data"), "--preprocessing",
+           str(tmp_path / "model" / "tX.pkl"), "--seed", "5", "--shard-rows", "700"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode != 0 and "--force" in res.stderr
+    assert (_snapshot(tmp_path / "data"), (tmp_path / "model" / "tX.pkl").read_bytes()) == before
+    res = subprocess.run(cmd + ["--force"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert _snapshot(tmp_path / "data") != before[0]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(SPLITS)
+
+
+def _failing_writer(monkeypatch, fail_at):
+    calls = []
+    real = preprocess._write_shard
+
+    def writer(table, path):
+        calls.append(path)
+        if len(calls) == fail_at:
+            raise OSError("disk full (simulated)")
+        real(table, path)
+
+    monkeypatch.setattr(preprocess, "_write_shard", writer)
+    return calls
+
+
+def test_failure_midway_leaves_no_output(small_sample, tmp_path, monkeypatch):
+    calls = _failing_writer(monkeypatch, fail_at=4)  # train has 3 shards: fails in test
+    with pytest.raises(OSError, match="simulated"):
+        _run(small_sample, tmp_path)
+    assert len(calls) == 4
+    assert list((tmp_path / "data").iterdir()) == []  # no split dir, no temporaries
+    assert not (tmp_path / "model" / "tX.pkl").exists()
+
+
+def test_failure_midway_with_force_keeps_old_output(small_sample, tmp_path, monkeypatch):
+    _run(small_sample, tmp_path)
+    before = _snapshot(tmp_path)
+    _failing_writer(monkeypatch, fail_at=6)
+    with pytest.raises(OSError, match="simulated"):
+        _run(small_sample, tmp_path, seed=9, force=True)
+    assert _snapshot(tmp_path) == before
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(SPLITS)
+
+
+def test_sample_schema_is_checked(tmp_path):
+    table = pa.Table.from_batches(list(synth.generate(100, 1)))
+    bad = tmp_path / "bad.feather"
+    feather.write_feather(table.drop_columns(["mc_eta"]), bad)
+    with pytest.raises(DataError, match=r"bad\.feather.*mc_eta"):
+        _run(bad, tmp_path)
+    with pytest.raises(DataError, match=r"nope\.feather.*missing"):
+        _run(tmp_path / "nope.feather", tmp_path)
+    junk = tmp_path / "junk.feather"
+    junk.write_bytes(b"not arrow at all")
+    with pytest.raises(DataError, match=r"junk\.feather"):
+        _run(junk, tmp_path)
+    text = tmp_path / "text.feather"
+    feather.write_feather(table.set_column(6, "mc_eta", pa.array(["x"] * 100)), text)
+    with pytest.raises(DataError, match=r"text\.feather.*mc_eta.*not numeric"):
+        _run(text, tmp_path)
+    assert not (tmp_path / "data").exists()
+
+
+def test_load_preprocessing_errors(tmp_path):
+    from sklearn.compose import ColumnTransformer
+
+    with pytest.raises(preprocess.PreprocessingError, match=r"missing\.pkl.*missing"):
+        preprocess.load_preprocessing(tmp_path / "missing.pkl")
+    (tmp_path / "junk.pkl").write_bytes(b"\x00garbage")
+    with pytest.raises(preprocess.PreprocessingError, match=r"junk\.pkl"):
+        preprocess.load_preprocessing(tmp_path / "junk.pkl")
+    (tmp_path / "dict.pkl").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(preprocess.PreprocessingError, match=r"dict\.pkl.*ColumnTransformer"):
+        preprocess.load_preprocessing(tmp_path / "dict.pkl")
+    (tmp_path / "unfitted.pkl").write_bytes(pickle.dumps(ColumnTransformer([])))
+    with pytest.raises(preprocess.PreprocessingError, match=r"unfitted\.pkl.*not fitted"):
+        preprocess.load_preprocessing(tmp_path / "unfitted.pkl")
+    X = np.random.default_rng(0).normal(size=(100, 13))
+    ct13 = ColumnTransformer([("p", "passthrough", list(range(13)))]).fit(X)
+    preprocess.save_preprocessing(ct13, tmp_path / "13.pkl")
+    with pytest.raises(preprocess.PreprocessingError, match=r"13\.pkl.*13 inputs"):
+        preprocess.load_preprocessing(tmp_path / "13.pkl")
+
+
+def test_cli_defaults(monkeypatch, tmp_path):
+    import argparse
+
+    for var in ("TRAIN_DATA", "OUTPUT_PREPROCESSING"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("EFFGEN_WORKDIR", str(tmp_path))
+    parser = argparse.ArgumentParser()
+    preprocess.register(parser.add_subparsers())
+    args = parser.parse_args(["preprocess"])
+    assert args.input == tmp_path / "data" / "sample.feather"
+    assert args.output_dir == tmp_path / "data"
+    assert args.preprocessing == tmp_path / "model" / "tX.pkl"
+    assert args.max_fit_rows == 1_000_000 and not args.force
