@@ -19,6 +19,7 @@ exact float32 inputs the efficiency function received, in the order it received 
 
 import concurrent.futures
 import contextlib
+import gc
 import os
 import sqlite3
 import subprocess
@@ -205,21 +206,28 @@ def _run_one(library_path, symbol, hepmc_paths, db_path, seed, echo_path):
     import SQLamarr
 
     db_path = Path(db_path)
-    with contextlib.suppress(FileNotFoundError):
-        db_path.unlink()
+    for stale in (db_path, db_path.with_name(db_path.name + "-journal")):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     db = SQLamarr.SQLite3DB(str(db_path)).seed(int(seed))
     loader = SQLamarr.HepMC2DataLoader(db)
     for run, path in enumerate(hepmc_paths):
         loader.load(str(path), 0, run)
     algs = _pipeline(db, library_path, symbol, echo_path)
+    failure = None
     try:
         SQLamarr.Pipeline(algs).execute()
-    except Exception as err:
+    except Exception as err:  # SQLamarr raises SQLiteError / RuntimeError / Exception
+        failure = f"{type(err).__name__}: {err}"
+    # The algorithms' statements must be finalized before the connection closes:
+    # SQLamarr throws (and the process aborts) if it closes with statements alive.
+    # Hence no exception (whose traceback would keep them) crosses this point.
+    del algs, loader
+    gc.collect()
+    del db
+    if failure is not None:
         raise LamarrError(f"SQLamarr pipeline on {db_path} with {library_path}:{symbol} "
-                          f"aborted: {err}") from err
-    finally:
-        del algs, loader
-        del db  # closes the library's connection so the file is complete
+                          f"aborted ({failure}); SQLamarr printed the SQL error on stderr")
     return _read_results(db_path, echo_path is not None)
 
 
