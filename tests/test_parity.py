@@ -1,0 +1,147 @@
+"""The parity harness: its checks on constructed inputs (each must be able to fail),
+then end to end on the project's exported library from a tiny random-weight model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from effgen import abi, parity, schema
+
+TOL = 1e-5
+
+
+def _probs(n, seed):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 1.5, (n, 4))
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _trivial_header(symbol="efficiency"):
+    core = "static void core(float *out, const float *in) { (void)in; out[0] = out[1] = out[2] = out[3] = 0.25f; }"
+    return abi.render_abi(core, "core", symbol=symbol, n_inputs=12, input_names=schema.FEATURES,
+                          output_names=schema.OUTPUTS, manifest={"backend": "effgen"})[1]
+
+
+def test_header_cdef_declares_the_four_exports():
+    import cffi
+
+    cdef = parity.header_cdef(_trivial_header("eff2"))
+    for decl in ("float *eff2(float *out, const float *in);",
+                 "void eff2_batch(float *out, const float *in, long n);",
+                 "int eff2_track_type(const float *in, float r);",
+                 "const char *eff2_manifest(void);",
+                 "#define EFF2_N_INPUTS 12", "#define EFF2_N_OUTPUTS 4"):
+        assert decl in cdef, cdef
+    cffi.FFI().cdef(cdef)  # cffi accepts it as is
+
+
+def test_draw_agreement_separates_rounding_from_errors():
+    n = 50_000
+    ref = _probs(n, 1)
+    rng = np.random.default_rng(2)
+    r = rng.random(n, dtype=np.float32)
+    # A C side within the tolerance of TF: differences only next to a boundary.
+    c = np.clip(ref + rng.uniform(-TOL, TOL, ref.shape).astype(np.float32), 0, 1)
+    # Put some uniforms right at TF's boundaries so that rounding actually happens.
+    bounds = parity.cumulative_boundaries(ref)
+    r[:500] = bounds[:500, 1] + np.float32(0.5 * TOL)
+    c[:500, 1] = ref[:500, 1] + np.float32(TOL)
+    c_types = abi.python_track_type(c, r)
+    ok = parity.draw_agreement(c_types, ref, c, r, TOL)
+    assert ok["disagreements"] > 0 and ok["unexplained"] == 0 and ok["self_disagreements"] == 0
+    assert all(d["rounding"] for d in ok["listed"])
+
+    # A draw that swaps long and upstream: caught twice over.
+    swapped = np.where(c_types == 3, 4, np.where(c_types == 4, 3, c_types))
+    bad = parity.draw_agreement(swapped, ref, c, r, TOL)
+    assert bad["unexplained"] > 1000 and bad["self_disagreements"] > 1000
+
+
+def test_draw_distribution_accepts_the_right_law_and_rejects_a_biased_one():
+    n, draws = 20_000, 200_000
+    ref = _probs(n, 3)
+    log10_p = np.random.default_rng(4).uniform(2.5, 5.6, n).astype(np.float32)
+    u = np.random.default_rng(5).random(draws, dtype=np.float32)
+    rows = np.arange(draws) % n
+    good = abi.python_track_type(ref[rows], u)
+    res = parity.draw_distribution(good, ref, log10_p)
+    assert res["passed"], res
+    assert len(res["per_bin"]) == 8  # 6 momentum bins plus under/overflow
+    assert res["overall"]["p_value"] >= parity.P_VALUE_MIN
+
+    biased = ref.copy()
+    biased[:, 0] = np.clip(biased[:, 0] - 0.01, 0, 1)
+    biased[:, 1] += 0.01
+    res_b = parity.draw_distribution(abi.python_track_type(biased[rows], u), ref, log10_p)
+    assert not res_b["passed"] and "overall" in res_b["failing_tests"]
+
+
+def test_chisquare_merges_sparse_cells():
+    res = parity.chisquare_merged([990, 3, 1, 1006], [1000.0, 4.0, 1.5, 994.5], [0, 3, 4, 5])
+    assert res["dof"] == 2 and len(res["cells"]) == 3
+    assert sum(res["observed"]) == 2000
+    assert res["cells"] == ["0", "3+4", "5"] and res["observed"][1] == 4
+    lone = parity.chisquare_merged([10, 0], [10.0, 0.0], [0, 3])
+    assert lone["dof"] == 0 and lone["p_value"] is None
+
+
+def test_momentum_bins_use_gev_edges_on_log10_mev():
+    b, names = parity.momentum_bins(np.log10([400.0, 500.0, 2999.0, 3000.0, 250e3]))
+    assert list(b) == [0, 1, 1, 2, 7]
+    assert names[1] == "0.5-3" and names[-1] == "p>200"
+
+
+def test_lamarr_safety_and_values_flag_what_lamarr_rejects():
+    p = _probs(100, 6)
+    clean = parity.lamarr_safety(p)
+    assert clean["nan_values"] == clean["negative_values"] == clean["above_one_values"] == 0
+    q = p.copy()
+    q[7] = [0.6, 0.41, 0.0, 0.0]
+    q[8, 2] = np.nan
+    s = parity.lamarr_safety(q)
+    assert s["lamarr_sum_above_one"] >= 1 and s["nan_values"] == 1
+    v = parity.value_stats(q, p)
+    assert v["nan_rows"] == 1 and v["worst_rows"][0]["row"] in (7, 8)
+
+
+# ---- end to end ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny seed-architecture model with random (untrained) weights: parity must hold
+    whatever the weights."""
+    from effgen.model import build_model
+
+    path = tmp_path_factory.mktemp("tiny_model") / "model.keras"
+    build_model(width=12, n_blocks=2, seed=7).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def raw_rows(tiny_dataset):
+    import pyarrow.feather as feather
+
+    table = feather.read_table(tiny_dataset["sample"], columns=schema.FEATURES)
+    return np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
+
+
+def test_sanitizer_build_catches_an_out_of_bounds_read(tiny_model, tiny_dataset, raw_rows, tmp_path):
+    # A core that reads one float past its input: harmless-looking in a normal build
+    # (it reads the next row), a heap-buffer-overflow on the last row under ASan.
+    core = ("static void core(float *out, const float *in)\n"
+            "{ out[0] = 0.25f + 0.0f * in[12]; out[1] = out[2] = out[3] = 0.25f; }")
+    c, h = abi.render_abi(core, "core", symbol="efficiency", n_inputs=12,
+                          input_names=schema.FEATURES, output_names=schema.OUTPUTS,
+                          manifest={"backend": "effgen"})
+    (tmp_path / "efficiency.c").write_text(c)
+    (tmp_path / "efficiency.h").write_text(h)
+    report = parity.run_parity(model_path=tiny_model, preprocessing_path=tiny_dataset["preprocessing"],
+                               raw=raw_rows, source=tmp_path / "efficiency.c", rows=300, draws=0,
+                               variants=("production", "sanitize"), output_dir=tmp_path / "out",
+                               progress=False)
+    assert not report["passed"]
+    assert "values" in report["targets"]["production"]  # ran to the end without a sanitizer
+    san = report["targets"]["sanitize"]
+    assert "values" not in san and "AddressSanitizer" in san["failures"][0]
+    assert "heap-buffer-overflow" in san["failures"][0]
