@@ -1,0 +1,298 @@
+"""The effgen C backend against its references: scikit-learn for the preprocessing,
+scipy for the inverse normal CDF, numpy for tanh, graph.evaluate for the network
+alone, and TensorFlow for the whole model."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+keras = pytest.importorskip("keras")
+
+from sklearn.compose import ColumnTransformer
+from sklearn.preprocessing import FunctionTransformer, QuantileTransformer, StandardScaler
+
+from effgen.abi import python_track_type
+from effgen.codegen import generate, generate_activations, generate_preprocessing
+from effgen.compile import Library, check_library, compile_shared
+from effgen.graph import evaluate, read_chain
+from effgen.preprocessing_ir import (Output, PreprocessingIR, UnsupportedPreprocessingError,
+                                     read_preprocessing)
+
+PEDANTIC = ["-std=c99", "-O3", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-pedantic"]
+TOL = 1e-5  # value parity with the framework (DOMAIN.md section 6)
+
+
+def raw_features(n, seed):
+    """Plausible raw rows in schema order, with a few awkward columns: a discrete z
+    (repeated quantiles) and a spike at exactly 0 in tx."""
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, 12), dtype=np.float32)
+    x[:, 0:2] = rng.normal(0, 0.03, (n, 2))
+    displaced = rng.random(n) < 0.15
+    x[:, 2] = np.where(displaced, rng.uniform(-300, 2500, n), rng.normal(0, 45, n))
+    x[:, 2] = np.where(rng.random(n) < 0.2, np.round(x[:, 2] / 100) * 100, x[:, 2])
+    x[:, 3] = rng.normal(3.7, 0.5, n)
+    x[:, 4:6] = rng.normal(0, 0.1, (n, 2))
+    x[:, 4] = np.where(rng.random(n) < 0.3, 0.0, x[:, 4])
+    x[:, 6] = rng.uniform(1.5, 6, n)
+    x[:, 7] = rng.uniform(-np.pi, np.pi, n)
+    species = rng.integers(0, 3, n)
+    x[:, 8], x[:, 9], x[:, 10] = species == 0, species == 1, species == 2
+    x[:, 11] = rng.choice([-1, 1], n)
+    return x
+
+
+def fit_preprocessing(n=20000, seed=0, n_quantiles=1000):
+    ct = ColumnTransformer([
+        ("quantile", QuantileTransformer(output_distribution="normal", n_quantiles=n_quantiles),
+         list(range(8))),
+        ("flags", "passthrough", [8, 9, 10, 11])])
+    return ct.fit(raw_features(n, seed))
+
+
+def seed_like_model(width=64, blocks=5, seed=0):
+    keras.utils.set_random_seed(seed)
+    init = "he_normal"
+    inp = keras.layers.Input((12,))
+    x = keras.layers.Dense(width, activation="tanh", kernel_initializer=init)(inp)
+    for _ in range(blocks):
+        x = keras.layers.Add()([x, keras.layers.Dense(width, activation="tanh",
+                                                       kernel_initializer=init)(x)])
+    x = keras.layers.Dense(4, kernel_initializer=init, bias_initializer="random_normal")(x)
+    return keras.Model(inp, keras.layers.Softmax()(x))
+
+
+def build(tmp_path, source, name, cflags=PEDANTIC):
+    c = tmp_path / f"{name}.c"
+    c.write_text(source)
+    return compile_shared(c, tmp_path / f"{name}.so", cflags=cflags)
+
+
+def edge_values(q):
+    """Raw values that probe np.interp: every knot exactly, midpoints, one float ulp
+    either side of each knot, outside the range, and +-inf."""
+    q32 = np.unique(q.astype(np.float32))
+    mids = ((q32[1:].astype(np.float64) + q32[:-1]) / 2).astype(np.float32)
+    span = float(q32[-1] - q32[0]) or 1.0
+    outside = np.float32([q32[0] - span, q32[-1] + span, q32[0] - 1e-7, q32[-1] + 1e-7,
+                          np.inf, -np.inf, 3e38, -3e38])
+    return np.concatenate([q32, mids, np.nextafter(q32, np.float32(np.inf)),
+                           np.nextafter(q32, np.float32(-np.inf)), outside])
+
+
+# ---- preprocessing -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ct():
+    return fit_preprocessing()
+
+
+@pytest.fixture(scope="module", params=["float32", "float64"])
+def pre_lib(request, ct, tmp_path_factory):
+    ir = read_preprocessing(ct, sklearn_dtype=request.param)
+    src = "#include <math.h>\n" + generate_preprocessing(ir) + """
+void test_pre(float *z, const float *x, long n)
+{
+    long r;
+    for (r = 0; r < n; ++r)
+        effgen_preprocess(z + 12 * r, x + 12 * r);
+}
+double test_ndtri(double p)
+{
+    return effgen_ndtri(p);
+}
+"""
+    import ctypes
+    so = build(tmp_path_factory.mktemp("pre"), src, f"pre_{request.param}")
+    lib = ctypes.CDLL(str(so))
+    lib.test_ndtri.argtypes, lib.test_ndtri.restype = [ctypes.c_double], ctypes.c_double
+    return request.param, lib
+
+
+def run_pre(lib, x):
+    import ctypes
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    z = np.empty_like(x)
+    p = ctypes.POINTER(ctypes.c_float)
+    lib.test_pre(z.ctypes.data_as(p), x.ctypes.data_as(p), ctypes.c_long(len(x)))
+    return z
+
+
+def test_quantile_transform_matches_sklearn(ct, pre_lib):
+    dtype, lib = pre_lib
+    qt = ct.named_transformers_["quantile"]
+    rows = [raw_features(200000, seed=5)]
+    rows[0][:, :8] *= np.float32(1.3)  # reach beyond the fitted range too
+    for k in range(8):  # per column, the knots, their neighbours and the outside
+        v = edge_values(qt.quantiles_[:, k])
+        block = np.repeat(raw_features(1, seed=k), len(v), axis=0)
+        block[:, k] = v
+        rows.append(block)
+    x = np.concatenate(rows)
+    assert np.isinf(x).any() and len(x) > 200000
+    # sklearn refuses inf; the C clips it like the largest finite float, as sklearn clips
+    # any value beyond the fitted range
+    big = np.finfo(np.float32).max
+    finite = np.clip(x, -big, big)
+    expected = ct.transform(finite if dtype == "float32" else finite.astype(np.float64))
+    got = run_pre(lib, x)
+    assert np.isfinite(got).all()
+    diff = np.abs(got.astype(np.float64) - np.asarray(expected, dtype=np.float32))
+    assert diff.max() <= 1e-6, f"max |C - sklearn| = {diff.max():.3g} at row {diff.max(1).argmax()}"
+    np.testing.assert_array_equal(got[:, 8:], x[:, 8:])
+
+
+def test_repeated_quantiles_are_exercised(ct):
+    ir = read_preprocessing(ct)
+    repeated = [o for o in ir.outputs if o.kind == "quantile"
+                and (o.quantile.first_equal != np.arange(len(o.quantile.quantiles))).any()]
+    assert len(repeated) >= 2  # the discrete z and the spike in tx
+
+
+def test_inverse_normal_cdf_matches_scipy(pre_lib):
+    from scipy.special import ndtri
+    _, lib = pre_lib
+    rng = np.random.default_rng(3)
+    p = np.concatenate([rng.random(20000), 10.0 ** -rng.uniform(0, 300, 5000),
+                        1 - 10.0 ** -rng.uniform(1, 16, 5000), 0.5 + rng.normal(0, 1e-9, 1000),
+                        [0.5, 0.02425, 0.97575, 1e-7, 1 - 1e-7]])
+    got = np.array([lib.test_ndtri(v) for v in p])
+    ref = ndtri(p)
+    rel = np.abs(got - ref) / np.maximum(np.abs(ref), 1e-300)
+    assert rel.max() < 1e-13, f"worst p = {p[rel.argmax()]!r}"
+    assert lib.test_ndtri(0.0) == -np.inf and lib.test_ndtri(1.0) == np.inf
+
+
+def test_other_transformers_are_refused_by_name():
+    x = raw_features(2000, seed=1)
+    scaled = ColumnTransformer([("scale", StandardScaler(), [0, 1]),
+                                ("flags", "passthrough", [8])]).fit(x)
+    with pytest.raises(UnsupportedPreprocessingError, match="'scale' is a StandardScaler"):
+        read_preprocessing(scaled)
+    uniform = ColumnTransformer([("q", QuantileTransformer(n_quantiles=100), [0])]).fit(x)
+    with pytest.raises(UnsupportedPreprocessingError, match="'q'.*output_distribution='uniform'"):
+        read_preprocessing(uniform)
+    func = ColumnTransformer([("f", FunctionTransformer(np.log1p), [0])]).fit(np.abs(x))
+    with pytest.raises(UnsupportedPreprocessingError, match="'f' is a FunctionTransformer"):
+        read_preprocessing(func)
+    with pytest.raises(UnsupportedPreprocessingError, match="StandardScaler"):
+        read_preprocessing(StandardScaler().fit(x))
+
+
+def test_remainder_passthrough_and_drop_follow_column_order():
+    x = raw_features(3000, seed=2)
+    ct = ColumnTransformer([("q", QuantileTransformer(output_distribution="normal",
+                                                      n_quantiles=50), [3, 1])],
+                           remainder="passthrough").fit(x)
+    ir = read_preprocessing(ct)
+    assert [(o.kind, o.input_index) for o in ir.outputs] == \
+        [("quantile", 3), ("quantile", 1)] + [("passthrough", i) for i in (0, 2, *range(4, 12))]
+    dropped = ColumnTransformer([("q", QuantileTransformer(output_distribution="normal",
+                                                           n_quantiles=50), [5])]).fit(x)
+    assert [(o.kind, o.input_index) for o in read_preprocessing(dropped).outputs] == [("quantile", 5)]
+
+
+# ---- activations ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl, bound", [("fast", 4e-7), ("libm", 2e-7)])
+def test_activation_error_bounds_on_dense_grid(tmp_path, impl, bound):
+    import ctypes
+    src = ("#include <math.h>\n#define EFFGEN_INLINE inline\n" + generate_activations(impl) + """
+void test_act(float *y, const float *x, long n, int which)
+{
+    long i;
+    for (i = 0; i < n; ++i)
+        y[i] = which == 0 ? effgen_tanh(x[i]) : which == 1 ? effgen_sigmoid(x[i]) :
+               which == 2 ? effgen_relu(x[i]) : which == 3 ? effgen_elu(x[i]) : effgen_linear(x[i]);
+}
+""")
+    lib = ctypes.CDLL(str(build(tmp_path, src, f"act_{impl}")))
+    x = np.concatenate([np.linspace(-12, 12, 2_400_001), [0, -0.0, 1e-30, 9, -9, 3e38, -3e38]])
+    x = x.astype(np.float32)
+    xd = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        references = [np.tanh(xd), 1 / (1 + np.exp(-xd)), np.maximum(xd, 0),
+                      np.where(xd > 0, xd, np.expm1(np.minimum(xd, 0))), xd]
+    for which, ref in enumerate(references):
+        y = np.empty_like(x)
+        p = ctypes.POINTER(ctypes.c_float)
+        lib.test_act(y.ctypes.data_as(p), x.ctypes.data_as(p), ctypes.c_long(len(x)), which)
+        err = np.abs(y.astype(np.float64) - ref) / np.maximum(1, np.abs(ref))
+        assert err.max() <= bound, f"activation {which}: max error {err.max():.3g} at x = {x[err.argmax()]}"
+        if which == 0:
+            assert (np.abs(y) <= 1.0).all()
+
+
+# ---- the whole library -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model():
+    return seed_like_model()
+
+
+@pytest.fixture(scope="module", params=["dispatch", "no-dispatch"])
+def full_lib(request, ct, model, tmp_path_factory):
+    src, hdr = generate(read_chain(model), read_preprocessing(ct), symbol="eff2",
+                        manifest={"model_sha256": "test"})
+    flags = PEDANTIC + (["-DEFFGEN_NO_DISPATCH"] if request.param == "no-dispatch" else [])
+    so = build(tmp_path_factory.mktemp("full"), src, "eff2", cflags=flags)
+    return Library(so, "eff2")
+
+
+def test_library_exports_and_manifest(full_lib):
+    check_library(full_lib.path, "eff2")
+    m = full_lib.manifest()
+    assert m["backend"] == "effgen" and m["symbol"] == "eff2" and m["tanh"] == "fast"
+    assert m["isa"] in ("baseline", "avx2+fma")
+    if "EFFGEN_NO_DISPATCH" in m["cflags"]:
+        assert m["isa"] == "baseline"
+
+
+def test_values_match_tensorflow(ct, model, full_lib):
+    x = raw_features(60000, seed=11)
+    expected = model.predict(ct.transform(x), verbose=0, batch_size=8192)
+    got = full_lib.batch(x)
+    diff = np.abs(got - expected).max(axis=0)
+    assert diff.max() <= TOL, f"max |C - TF| per class = {diff}"
+    assert ((got >= 0) & (got <= 1)).all()
+    one = full_lib.per_call(x[:3001])  # odd count: tiles and the remainder rows
+    np.testing.assert_array_equal(one, got[:3001])
+    np.testing.assert_array_equal(full_lib.batch(x[:3001]), got[:3001])
+
+
+def test_nan_and_inf_inputs(full_lib):
+    x = np.repeat(raw_features(1, seed=4), 24, axis=0)
+    x[np.arange(12), np.arange(12)] = np.nan
+    x[12 + np.arange(8), np.arange(8)] = np.where(np.arange(8) % 2, np.inf, -np.inf)
+    x[20:, :8] = np.inf
+    out = full_lib.batch(x)
+    np.testing.assert_array_equal(out[:12], np.tile(np.float32([1, 0, 0, 0]), (12, 1)))
+    assert np.isfinite(out).all() and ((out >= 0) & (out <= 1)).all()
+    np.testing.assert_array_equal(full_lib.per_call(x), out)
+
+
+def test_track_type_agrees_with_reference(full_lib):
+    x = raw_features(3000, seed=6)
+    r = np.random.default_rng(7).random(3000, dtype=np.float32)
+    probs = full_lib.batch(x)
+    np.testing.assert_array_equal(full_lib.track_type(x, r), python_track_type(probs, r))
+
+
+@pytest.mark.parametrize("tanh", ["fast", "libm"])
+def test_network_alone_matches_numpy_reference(tmp_path, model, tanh):
+    chain = read_chain(model)
+    identity = PreprocessingIR(n_inputs=12, outputs=[Output("passthrough", i) for i in range(12)])
+    src, _ = generate(chain, identity, symbol="efficiency", tanh=tanh)
+    lib = Library(build(tmp_path, src, "net"), "efficiency")
+    x = np.random.default_rng(8).normal(size=(50000, 12)).astype(np.float32)
+    diff = np.abs(lib.batch(x) - evaluate(chain, x)).max()
+    assert diff <= (2e-6 if tanh == "fast" else 1e-6), f"max |C - numpy float64| = {diff:.3g}"
+
+
+def test_preprocessing_width_must_match_network(ct):
+    inp = keras.layers.Input((10,))
+    small = keras.Model(inp, keras.layers.Softmax()(keras.layers.Dense(4)(inp)))
+    with pytest.raises(ValueError, match="takes 10 inputs but the preprocessing produces 12"):
+        generate(read_chain(small), read_preprocessing(ct))
