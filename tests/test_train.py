@@ -3,6 +3,12 @@
 Models are tiny (width 8, 1 block) and epochs are 5 batches of 256 rows."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -10,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from effgen.model import build_model
-from effgen.train import PHASES, RunDir, TimeLimitCallback, run_phases
+from effgen.train import PHASES, RunDir, TimeLimitCallback, checkpoint_dir, run_phases, train
 
 BATCH, STEPS = 256, 5
 
@@ -89,6 +95,10 @@ def test_both_phases_run_with_the_seed_recipe_and_end_on_best_weights(tmp_path):
     best = run.load_model(PHASES[1], "best")
     for a, b in zip(model.get_weights(), best.get_weights()):
         np.testing.assert_array_equal(a, b)
+    # A saved and reloaded model predicts exactly what the trained one does.
+    model.save(tmp_path / "saved.keras")
+    reloaded = keras.models.load_model(tmp_path / "saved.keras")
+    np.testing.assert_array_equal(reloaded.predict(x[:500], verbose=0), model.predict(x[:500], verbose=0))
     # Learning happened: phase 2's best is below the first epoch of phase 1.
     assert state["phases"]["finetuning"]["best_val_loss"] < \
         state["phases"]["pretraining"]["epochs"][0]["val_loss"]
@@ -188,3 +198,110 @@ def test_resume_refuses_a_different_run(tmp_path):
     why = RunDir(run.path, {"config": {"width": 16}}).try_resume()
     assert "different run" in why and "config" in why
     assert "no previous run" in RunDir(tmp_path / "elsewhere", {}).try_resume()
+
+
+# ---- through FeatherReader, the function API and the CLI -----------------------------
+
+TINY = dict(batch_size=BATCH, steps_per_epoch=STEPS, width=8, blocks=1)
+
+
+def test_train_writes_model_history_and_plot(tiny_dataset, tmp_path):
+    out = tmp_path / "model" / "model.keras"
+    history = train(tiny_dataset["train"], tiny_dataset["validation"], out, max_epochs=3,
+                    pre_limit_s=3600, ft_limit_s=3600, seed=1, verbose=0, **TINY)
+    assert out.is_file() and (out.parent / "loss.png").stat().st_size > 1000
+    assert not checkpoint_dir(out).exists()  # the run directory goes once the model is out
+    on_disk = json.loads((out.parent / "history.json").read_text())
+    assert on_disk == json.loads(json.dumps(history))
+    assert [p["name"] for p in on_disk["phases"]] == [p.name for p in PHASES]
+    assert [p["limit_s"] for p in on_disk["phases"]] == [3600, 3600]
+    for phase in on_disk["phases"]:
+        assert [e["epoch"] for e in phase["epochs"]] == [1, 2, 3]
+        assert all(e["wall_s"] > 0 and np.isfinite(e["val_loss"]) for e in phase["epochs"])
+    assert on_disk["n_params"] == 12 * 8 + 8 + (8 * 8 + 8) + 8 * 4 + 4
+
+    # The saved model is phase 2's best: it reproduces that epoch's validation loss
+    # on the same validation batch (the first BATCH rows).
+    from effgen.reader import FeatherReader
+    val = FeatherReader(tiny_dataset["validation"]).as_pandas(max_rows=BATCH)
+    x = val[FeatherReader(tiny_dataset["validation"]).features].to_numpy("float32")
+    y = val[FeatherReader(tiny_dataset["validation"]).labels].to_numpy("float32")
+    model = keras.models.load_model(out)
+    assert model.evaluate(x, y, batch_size=BATCH, verbose=0) == pytest.approx(
+        history["phases"][1]["best_val_loss"], rel=1e-5)
+    np.testing.assert_array_equal(model.predict(x, verbose=0),
+                                  keras.models.load_model(out).predict(x, verbose=0))
+
+
+def test_train_rejects_bad_arguments(tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"\.keras"):
+        train(tiny_dataset["train"], tiny_dataset["validation"], tmp_path / "m.h5",
+              max_epochs=1, pre_limit_s=1, ft_limit_s=1, **TINY)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train(tiny_dataset["train"], tiny_dataset["validation"], tmp_path / "m.keras",
+              max_epochs=1, pre_limit_s=1, ft_limit_s=1,
+              **{**TINY, "batch_size": 10**7})
+
+
+def _state(path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def test_cli_killed_mid_finetuning_resumes_without_rerunning_pretraining(tiny_dataset, tmp_path):
+    out = tmp_path / "model.keras"
+    state_path = checkpoint_dir(out) / "state.json"
+    steps = 60  # epochs long enough that phase 2 cannot finish before the kill
+    cmd = [sys.executable, "-m", "effgen", "train", "--train-data", str(tiny_dataset["train"]),
+           "--validation-data", str(tiny_dataset["validation"]), "--output", str(out),
+           "--batch-size", str(BATCH), "--steps-per-epoch", str(steps), "--width", "8",
+           "--blocks", "1", "--max-epochs", "100", "--pre-limit", "1", "--ft-limit", "600"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            st = _state(state_path)
+            if st and st["phases"]["pretraining"]["done"] and st["phases"]["finetuning"]["epochs"]:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed = _state(state_path)
+    assert killed["phases"]["pretraining"]["done"]
+    done_ft = len(killed["phases"]["finetuning"]["epochs"])
+    assert done_ft >= 1 and not killed["phases"]["finetuning"]["done"]
+    assert not out.exists()
+
+    # A limit just above the time already spent allows exactly one more epoch.
+    ft_limit = killed["phases"]["finetuning"]["elapsed_s"] + 1e-3
+    history = train(tiny_dataset["train"], tiny_dataset["validation"], out, max_epochs=100,
+                    pre_limit_s=1, ft_limit_s=ft_limit, resume=True, verbose=0,
+                    **{**TINY, "steps_per_epoch": steps})
+    pre, ft = history["phases"]
+    assert pre["epochs"] == killed["phases"]["pretraining"]["epochs"]
+    assert pre["resumed_at_epochs"] == []
+    assert ft["resumed_at_epochs"] == [done_ft]
+    assert ft["epochs"][:done_ft] == killed["phases"]["finetuning"]["epochs"]
+    assert len(ft["epochs"]) == done_ft + 1
+    assert ft["epochs"][-1]["epoch"] == done_ft + 1
+    assert ft["stop_reason"] == "time_limit"
+    assert out.is_file() and not checkpoint_dir(out).exists()
+
+
+def test_resume_of_another_configuration_starts_afresh(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "model.keras"
+    run = RunDir(checkpoint_dir(out), {"config": {"width": 999}})
+    run.path.mkdir(parents=True)
+    run.state["phases"]["pretraining"]["done"] = True
+    run.write_state()
+    history = train(tiny_dataset["train"], tiny_dataset["validation"], out, max_epochs=1,
+                    pre_limit_s=60, ft_limit_s=60, resume=True, verbose=0, **TINY)
+    assert "starting afresh" in capsys.readouterr().err
+    assert [len(p["epochs"]) for p in history["phases"]] == [1, 1]

@@ -1,0 +1,384 @@
+"""`effgen validate`: the seed notebook's sanity checks, the production validation, and
+a score against the true probabilities the synthetic sample was drawn from.
+
+Writes PNG plots, one self-contained report.html (plots embedded) and metrics.json
+into the output directory, each file atomically."""
+
+import base64
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from effgen import schema
+from effgen.atomic import atomic_file
+
+MOMENTUM_EDGES_GEV = [0.5, 3, 5, 10, 30, 100, 200]
+SPECIES = {"e": "mc_is_e", "mu": "mc_is_mu", "hadron": "mc_is_h"}
+CALIBRATION_BINS = 20
+EPS = 1e-12
+CLASS_COLORS = ["#bbbbbb", "#4c72b0", "#dd8452", "#55a868"]
+
+
+# ---- metrics (plain numpy) ---------------------------------------------------------------
+
+def log_loss(prob, label_index):
+    """Mean -log of the probability given to the label's class (floored at 1e-12)."""
+    p = prob[np.arange(len(prob)), label_index]
+    return float(-np.mean(np.log(np.maximum(p, EPS))))
+
+
+def calibration(pred, target, n_bins=CALIBRATION_BINS):
+    """Equal-width bins of predicted probability: per bin the row count, the mean
+    prediction and the mean target; plus the count-weighted mean |gap| (ECE)."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(pred, edges) - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_pred = np.bincount(idx, weights=pred, minlength=n_bins) / count
+        mean_target = np.bincount(idx, weights=target, minlength=n_bins) / count
+    filled = count > 0
+    ece = float(np.sum(count[filled] * np.abs(mean_pred[filled] - mean_target[filled])) / count.sum())
+    return {"count": count, "mean_pred": mean_pred, "mean_target": mean_target, "ece": ece}
+
+
+def species_masks(raw_flags):
+    """Boolean masks for e, mu, hadron from the raw mc_is_* columns."""
+    return {name: np.asarray(raw_flags[column]) > 0.5 for name, column in SPECIES.items()}
+
+
+def compute_metrics(pred, labels, truth, masks):
+    """Everything that goes into metrics.json. `truth` may be None (real data)."""
+    n, n_classes = labels.shape
+    label_index = labels.argmax(axis=1)
+    prior = labels.mean(axis=0)
+    m = {
+        "n_rows": int(n),
+        "classes": list(schema.LABELS),
+        "log_loss": {
+            "model": log_loss(pred, label_index),
+            "prior": log_loss(np.broadcast_to(prior, pred.shape), label_index),
+        },
+        "probability_sum_max_abs_error": float(np.max(np.abs(pred.sum(axis=1, dtype=np.float64) - 1))),
+        # Lamarr draws with random_category(p0, 0, 0, p1, p2) summed in float: a sum of
+        # the first three outputs above 1 aborts the SQL step.
+        "rows_first3_sum_above_1_float32": int(np.count_nonzero(
+            (pred[:, 0].astype(np.float32) + pred[:, 1] + pred[:, 2]) > np.float32(1))),
+        "per_class": {},
+        "per_species": {},
+    }
+    if truth is not None:
+        m["log_loss"]["truth"] = log_loss(truth, label_index)
+        m["log_loss"]["model_minus_truth"] = m["log_loss"]["model"] - m["log_loss"]["truth"]
+        kl = np.sum(np.where(truth > 0, truth * (np.log(np.maximum(truth, EPS))
+                                                  - np.log(np.maximum(pred, EPS))), 0), axis=1)
+        m["kl_truth_to_model"] = float(np.mean(kl))
+    for c, name in enumerate(schema.LABELS):
+        row = {
+            "label_fraction": float(labels[:, c].mean()),
+            "mean_prediction": float(pred[:, c].mean()),
+            "calibration_error_vs_labels": calibration(pred[:, c], labels[:, c])["ece"],
+        }
+        if truth is not None:
+            diff = np.abs(pred[:, c].astype(np.float64) - truth[:, c])
+            row.update({
+                "mean_truth": float(truth[:, c].mean()),
+                "mean_abs_diff_vs_truth": float(diff.mean()),
+                "p99_abs_diff_vs_truth": float(np.quantile(diff, 0.99)),
+                "calibration_error_vs_truth": calibration(pred[:, c], truth[:, c])["ece"],
+            })
+        m["per_class"][name] = row
+    for sp, mask in masks.items():
+        entry = {"n": int(mask.sum()),
+                 "label_counts": labels[mask].sum(axis=0, dtype=np.float64).tolist(),
+                 "predicted_sums": pred[mask].sum(axis=0, dtype=np.float64).tolist()}
+        if truth is not None:
+            entry["truth_sums"] = truth[mask].sum(axis=0, dtype=np.float64).tolist()
+        m["per_species"][sp] = entry
+    return m
+
+
+# ---- plots -----------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_class_histograms(pred, labels, path):
+    """The notebook's first check: per class, labels vs predictions in 10 bins."""
+    plt = _pyplot()
+    n_classes = labels.shape[1]
+    fig, axes = plt.subplots(1, n_classes, figsize=(4.2 * n_classes, 3.2))
+    bins = np.linspace(0, 1, 11)
+    for c, ax in enumerate(axes):
+        ax.hist(labels[:, c], bins=bins, label="labels", color="#9ecae1")
+        ax.hist(pred[:, c], bins=bins, histtype="step", linewidth=2, label="prediction", color="k")
+        ax.set_title(schema.LABELS[c].replace("_", " ").capitalize())
+        ax.set_xlabel("label / predicted probability")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_momentum_spectrum(log10_p, pred, labels, truth, path):
+    """The notebook's second check: true long tracks vs all weighted by P(long)."""
+    plt = _pyplot()
+    c = schema.LABELS.index("recoed_as_long")
+    bins = np.linspace(2.4, 6.1, 75)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.hist(log10_p, bins=bins, histtype="step", color="grey", label="in acceptance")
+    ax.hist(log10_p[labels[:, c] > 0.5], bins=bins, color="#8e8", label="long tracks (labels)")
+    if truth is not None:
+        ax.hist(log10_p, bins=bins, weights=truth[:, c], histtype="step", ls="--", color="k",
+                label="long tracks (true probability)")
+    ax.hist(log10_p, bins=bins, weights=pred[:, c], histtype="step", linewidth=2, color="tab:red",
+            label="long tracks (model)")
+    ax.set_xlabel(r"$\log_{10}(p\ /\ \mathrm{MeV}/c)$")
+    ax.set_ylabel("particles")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_per_species(metrics, path):
+    """Summed predicted probabilities vs label counts per class, one panel per species."""
+    plt = _pyplot()
+    species = metrics["per_species"]
+    fig, axes = plt.subplots(1, len(species), figsize=(5 * len(species), 3.6))
+    x = np.arange(len(schema.LABELS))
+    for ax, (sp, entry) in zip(np.atleast_1d(axes), species.items()):
+        series = [("labels", entry["label_counts"], "#9ecae1"),
+                  ("model", entry["predicted_sums"], "tab:red")]
+        if "truth_sums" in entry:
+            series.append(("truth", entry["truth_sums"], "k"))
+        w = 0.8 / len(series)
+        for i, (name, values, color) in enumerate(series):
+            ax.bar(x + (i - (len(series) - 1) / 2) * w, values, w, label=name, color=color,
+                   alpha=0.85)
+        ax.set_xticks(x, [o.replace("_", " ") for o in schema.OUTPUTS], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(f"{sp} (n = {entry['n']:,})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_binned_stacks(var, var_label, var_bins, p_gev, pred, labels, path, log_y=False):
+    """Per momentum bin: the variable's histogram stacked by class, labels (filled)
+    against the model's summed probabilities (stacked steps)."""
+    plt = _pyplot()
+    edges = MOMENTUM_EDGES_GEV
+    n_bins = len(edges) - 1
+    fig, axes = plt.subplots(2, math.ceil(n_bins / 2), figsize=(15, 7.5))
+    for k, ax in enumerate(axes.flat[:n_bins]):
+        sel = (p_gev >= edges[k]) & (p_gev < edges[k + 1])
+        v = var[sel]
+        ax.hist([v] * labels.shape[1], bins=var_bins, weights=list(labels[sel].T), stacked=True,
+                color=CLASS_COLORS, label=[f"{o} (labels)" for o in schema.OUTPUTS])
+        ax.hist([v] * pred.shape[1], bins=var_bins, weights=list(pred[sel].T), stacked=True,
+                histtype="step", color=["k"] * pred.shape[1], linewidth=1.2,
+                label=["model (stacked)"] + ["_nolegend_"] * (pred.shape[1] - 1))
+        ax.set_title(f"{edges[k]} < p < {edges[k + 1]} GeV/c  (n = {int(sel.sum()):,})", fontsize=9)
+        ax.set_xlabel(var_label)
+        if log_y:
+            ax.set_yscale("log")
+    for ax in axes.flat[n_bins:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_calibration(pred, labels, truth, path):
+    plt = _pyplot()
+    n_classes = labels.shape[1]
+    fig, axes = plt.subplots(1, n_classes, figsize=(4.2 * n_classes, 3.8))
+    for c, ax in enumerate(axes):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+        cal = calibration(pred[:, c], labels[:, c])
+        ok = cal["count"] > 0
+        ax.plot(cal["mean_pred"][ok], cal["mean_target"][ok], "o-", ms=3, label="observed frequency")
+        if truth is not None:
+            cal_t = calibration(pred[:, c], truth[:, c])
+            ax.plot(cal_t["mean_pred"][ok], cal_t["mean_target"][ok], "s--", ms=3,
+                    label="mean true probability")
+        ax.set_title(schema.LABELS[c].replace("_", " "))
+        ax.set_xlabel("predicted probability")
+        ax.set_ylabel("frequency / truth")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---- the report ------------------------------------------------------------------------
+
+REPORT_TEMPLATE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>effgen validation</title>
+<style>body{font-family:sans-serif;max-width:1200px;margin:auto}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#eee}img{max-width:100%}</style></head><body>
+<h1>Tracking-efficiency model: validation</h1>
+<p>Model <code>{{ model }}</code>, data <code>{{ data }}</code>, {{ "{:,}".format(m.n_rows) }} rows.</p>
+<h2>Log-loss</h2>
+<table><tr><th>model</th><th>truth-optimal</th><th>constant prior</th><th>model &minus; truth</th><th>KL(truth &#8214; model)</th></tr>
+<tr><td>{{ fmt(m.log_loss.model) }}</td><td>{{ fmt(m.log_loss.get("truth")) }}</td><td>{{ fmt(m.log_loss.prior) }}</td>
+<td>{{ fmt(m.log_loss.get("model_minus_truth")) }}</td><td>{{ fmt(m.get("kl_truth_to_model")) }}</td></tr></table>
+<h2>Per class</h2>
+<table><tr><th>class</th>{% for k in class_keys %}<th>{{ k.replace("_", " ") }}</th>{% endfor %}</tr>
+{% for name, row in m.per_class.items() %}<tr><th>{{ name }}</th>{% for k in class_keys %}<td>{{ fmt(row.get(k)) }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+<h2>Per particle type: summed probabilities vs label counts</h2>
+<table><tr><th>type</th><th>n</th><th>series</th>{% for o in outputs %}<th>{{ o }}</th>{% endfor %}</tr>
+{% for sp, e in m.per_species.items() %}{% for key in ["label_counts", "predicted_sums", "truth_sums"] if key in e %}
+<tr><th>{{ sp }}</th><td>{{ "{:,}".format(e.n) }}</td><td>{{ key.replace("_", " ") }}</td>{% for v in e[key] %}<td>{{ "{:,.1f}".format(v) }}</td>{% endfor %}</tr>
+{% endfor %}{% endfor %}</table>
+<p>Probability sums: max |&Sigma;p &minus; 1| = {{ fmt(m.probability_sum_max_abs_error) }};
+rows whose float32 p<sub>0</sub>+p<sub>1</sub>+p<sub>2</sub> exceeds 1 (would abort a Lamarr step): {{ m.rows_first3_sum_above_1_float32 }}.</p>
+{% for title, uri in images %}<h2>{{ title }}</h2><img src="{{ uri }}" alt="{{ title }}">
+{% endfor %}</body></html>
+"""
+
+
+def _fmt(value):
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return str(value)
+
+
+def write_report(metrics, images, path, model, data):
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    uris = [(title, "data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode())
+            for title, p in images]
+    class_keys = sorted({k for row in metrics["per_class"].values() for k in row})
+    html = env.from_string(REPORT_TEMPLATE).render(
+        m=metrics, images=uris, model=str(model), data=str(data), fmt=_fmt,
+        class_keys=class_keys, outputs=schema.OUTPUTS)
+    with atomic_file(path, "w") as f:
+        f.write(html)
+    return path
+
+
+# ---- data and the function API ---------------------------------------------------------
+
+def _check_preprocessing(preprocessing_path, raw, features):
+    """Largest |tX(raw) - stored feature|: the shards and the pickled transformer the
+    exported function will embed must agree."""
+    from effgen.preprocess import load_preprocessing
+
+    transformer = load_preprocessing(preprocessing_path)
+    x_raw = np.stack([raw[f"raw_{c}"] for c in schema.FEATURES], axis=1).astype(np.float64)
+    redone = np.asarray(transformer.transform(x_raw), dtype=np.float64)
+    return float(np.max(np.abs(redone - features)))
+
+
+def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing_path=None,
+             batch_size=65536) -> dict:
+    """Score `model_path` on up to `max_rows` rows of the shards in `data_dir`; write the
+    plots, report.html and metrics.json into `output_dir`; return the metrics."""
+    import keras
+
+    from effgen.reader import FeatherReader
+
+    model_path, output_dir = Path(model_path), Path(output_dir)
+    if not model_path.exists():
+        raise FileNotFoundError(f"model {model_path} does not exist (run `effgen train` first)")
+    reader = FeatherReader(data_dir)
+    if list(reader.features) != list(schema.FEATURES) or list(reader.labels) != list(schema.LABELS):
+        raise ValueError(f"{data_dir}: features/labels {reader.features}/{reader.labels} do not "
+                         f"match effgen.schema")
+    raw_cols = [f"raw_{c}" for c in schema.FEATURES]
+    missing = [c for c in raw_cols if c not in reader.extra]
+    if missing:
+        raise ValueError(f"{data_dir}: extra columns {missing} are missing (needed for the plots)")
+    truth_cols = list(schema.TRUTH) if all(c in reader.extra for c in schema.TRUTH) else []
+    frame = reader.as_pandas(columns=list(reader.features) + list(reader.labels) + raw_cols
+                             + truth_cols, max_rows=max_rows)
+    if len(frame) == 0:
+        raise ValueError(f"{data_dir} holds no rows")
+
+    features = frame[list(reader.features)].to_numpy(np.float32)
+    labels = frame[list(reader.labels)].to_numpy(np.float32)
+    truth = frame[truth_cols].to_numpy(np.float64) if truth_cols else None
+    raw = {c: frame[c].to_numpy() for c in raw_cols}
+
+    model = keras.models.load_model(model_path)
+    pred = np.asarray(model.predict(features, batch_size=batch_size, verbose=0))
+    if pred.shape != labels.shape:
+        raise ValueError(f"model {model_path} gives outputs of shape {pred.shape[1:]}, "
+                         f"labels have {labels.shape[1:]}")
+
+    metrics = compute_metrics(pred, labels, truth,
+                              species_masks({c: raw[f"raw_{c}"] for c in SPECIES.values()}))
+    metrics.update(model=str(model_path), data=str(data_dir),
+                   momentum_edges_gev=MOMENTUM_EDGES_GEV)
+    if preprocessing_path is not None and Path(preprocessing_path).exists():
+        metrics["preprocessing_max_abs_diff"] = _check_preprocessing(
+            preprocessing_path, raw, features.astype(np.float64))
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log10_p = raw["raw_mc_log10_p"].astype(np.float64)
+    p_gev = 10.0 ** log10_p / 1000.0
+    images = [
+        ("Labels vs predictions per class", plot_class_histograms(
+            pred, labels, output_dir / "class_histograms.png")),
+        ("Momentum spectrum of long tracks", plot_momentum_spectrum(
+            log10_p, pred, labels, truth, output_dir / "momentum_spectrum.png")),
+        ("Per particle type", plot_per_species(metrics, output_dir / "per_species.png")),
+        ("Pseudorapidity in momentum bins", plot_binned_stacks(
+            raw["raw_mc_eta"], r"$\eta$", np.linspace(1.5, 6.0, 46), p_gev, pred, labels,
+            output_dir / "eta_by_momentum.png")),
+        ("Production z in momentum bins", plot_binned_stacks(
+            raw["raw_mc_z"], "production z [mm]", np.linspace(-300, 2700, 61), p_gev, pred,
+            labels, output_dir / "z_by_momentum.png", log_y=True)),
+        ("Calibration", plot_calibration(pred, labels, truth, output_dir / "calibration.png")),
+    ]
+    metrics["plots"] = [p.name for _, p in images]
+    with atomic_file(output_dir / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=1)
+    write_report(metrics, images, output_dir / "report.html", model_path, data_dir)
+    return metrics
+
+
+# ---- the CLI ---------------------------------------------------------------------------
+
+def register(subparsers):
+    from effgen.config import default_paths
+
+    paths = default_paths()
+    p = subparsers.add_parser("validate", help="validate the trained model (report.html)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=paths["model"], help="default %(default)s")
+    p.add_argument("--preprocessing", type=Path, default=paths["preprocessing"],
+                   help="pickled transformer, checked against the shards (default %(default)s)")
+    p.add_argument("--data", type=Path, default=paths["validation"],
+                   help="shard directory with raw_*, mc_pid and truth_* extras (default %(default)s)")
+    p.add_argument("--output-dir", type=Path, default=paths["validation_report"],
+                   help="default %(default)s")
+    p.add_argument("--max-rows", type=int, default=1_000_000, help="default %(default)s")
+    p.set_defaults(func=_main)
+
+
+def _main(args):
+    m = validate(args.model, args.data, args.output_dir, max_rows=args.max_rows,
+                 preprocessing_path=args.preprocessing)
+    ll = m["log_loss"]
+    print(f"effgen validate: {m['n_rows']:,} rows; log-loss model {ll['model']:.5f}, "
+          f"truth {ll.get('truth', float('nan')):.5f}, prior {ll['prior']:.5f}; "
+          f"report {args.output_dir / 'report.html'}")
+    return 0
