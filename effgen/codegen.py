@@ -121,6 +121,12 @@ def _preprocessing_context(ir: PreprocessingIR):
             "ir": ir, "outputs": outputs, "f32": ir.sklearn_dtype == "float32"}
 
 
+def network_function(symbol="efficiency") -> str:
+    """Name of the core's static `void f(float *out, const float *z)` evaluating the
+    network alone on preprocessed features (used by the parity harness)."""
+    return "effgen_network"
+
+
 def generate_preprocessing(ir: PreprocessingIR, input_names=None) -> str:
     """C code defining `static void effgen_preprocess(float *z, const float *in)`."""
     return template_env().get_template("quantile.c.j2").render(

@@ -11,6 +11,7 @@ array of dtype `sklearn_dtype`. The dtype matters in the upper tail: on float32 
 scikit-learn rounds the interpolated uniform value to float32 before `norm.ppf` (and
 computes `ndtri` in float32), which moves values near u = 1 by up to ~1e-2; so the
 generator must know which dtype the model's training features were transformed in.
+`effgen preprocess` and `effgen parity` transform float64 arrays: that is the default.
 """
 
 import pickle
@@ -54,17 +55,13 @@ class Output:
 class PreprocessingIR:
     n_inputs: int
     outputs: List[Output] = field(default_factory=list)
-    sklearn_dtype: str = "float32"
+    sklearn_dtype: str = "float64"
     clip_min: float = 0.0
     clip_max: float = 0.0
 
     @property
     def n_outputs(self) -> int:
         return len(self.outputs)
-
-    def transform(self, x) -> np.ndarray:
-        """Numpy reference of the mapping (via scikit-learn's own formulas), for tests."""
-        raise NotImplementedError  # the reference is scikit-learn itself
 
 
 def _input_indices(cols, n_features, name):
@@ -87,7 +84,7 @@ def _is_identity(fitted, spec):
             and spec == "passthrough")
 
 
-def read_preprocessing(ct, sklearn_dtype="float32") -> PreprocessingIR:
+def read_preprocessing(ct, sklearn_dtype="float64") -> PreprocessingIR:
     """Turn a fitted ColumnTransformer into a PreprocessingIR."""
     from scipy import stats
 
@@ -150,7 +147,7 @@ def load_preprocessing(path):
         raise FileNotFoundError(f"cannot load preprocessing {path}: {err}") from err
 
 
-def read_preprocessing_file(path, sklearn_dtype="float32") -> PreprocessingIR:
+def read_preprocessing_file(path, sklearn_dtype="float64") -> PreprocessingIR:
     try:
         return read_preprocessing(load_preprocessing(path), sklearn_dtype=sklearn_dtype)
     except UnsupportedPreprocessingError as err:

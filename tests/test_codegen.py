@@ -14,7 +14,8 @@ from sklearn.compose import ColumnTransformer
 from sklearn.preprocessing import FunctionTransformer, QuantileTransformer, StandardScaler
 
 from effgen.abi import python_track_type
-from effgen.codegen import generate, generate_activations, generate_preprocessing
+from effgen.codegen import (generate, generate_activations, generate_preprocessing,
+                            network_function)
 from effgen.compile import Library, check_library, compile_shared
 from effgen.graph import evaluate, read_chain
 from effgen.preprocessing_ir import (Output, PreprocessingIR, UnsupportedPreprocessingError,
@@ -252,7 +253,9 @@ def test_library_exports_and_manifest(full_lib):
 
 def test_values_match_tensorflow(ct, model, full_lib):
     x = raw_features(60000, seed=11)
-    expected = model.predict(ct.transform(x), verbose=0, batch_size=8192)
+    # as effgen preprocess / parity do: sklearn on float64, the network in float32
+    pre = ct.transform(x.astype(np.float64)).astype(np.float32)
+    expected = model.predict(pre, verbose=0, batch_size=8192)
     got = full_lib.batch(x)
     diff = np.abs(got - expected).max(axis=0)
     assert diff.max() <= TOL, f"max |C - TF| per class = {diff}"
@@ -285,10 +288,25 @@ def test_network_alone_matches_numpy_reference(tmp_path, model, tanh):
     chain = read_chain(model)
     identity = PreprocessingIR(n_inputs=12, outputs=[Output("passthrough", i) for i in range(12)])
     src, _ = generate(chain, identity, symbol="efficiency", tanh=tanh)
+    src += f"""
+void test_network(float *out, const float *z, long n)
+{{
+    long r;
+    for (r = 0; r < n; ++r)
+        {network_function("efficiency")}(out + 4 * r, z + 12 * r);
+}}
+"""
     lib = Library(build(tmp_path, src, "net"), "efficiency")
     x = np.random.default_rng(8).normal(size=(50000, 12)).astype(np.float32)
-    diff = np.abs(lib.batch(x) - evaluate(chain, x)).max()
-    assert diff <= (2e-6 if tanh == "fast" else 1e-6), f"max |C - numpy float64| = {diff:.3g}"
+    reference = evaluate(chain, x)
+    bound = 2e-6 if tanh == "fast" else 1e-6
+    diff = np.abs(lib.batch(x) - reference).max()
+    assert diff <= bound, f"max |C - numpy float64| = {diff:.3g}"
+    import ctypes
+    out = np.empty((len(x), 4), dtype=np.float32)
+    p = ctypes.POINTER(ctypes.c_float)
+    lib._lib.test_network(out.ctypes.data_as(p), x.ctypes.data_as(p), ctypes.c_long(len(x)))
+    assert np.abs(out - reference).max() <= bound
 
 
 def test_preprocessing_width_must_match_network(ct):
