@@ -154,12 +154,9 @@ def _compile_module(ffi, name, build_dir) -> dict:
     return {"module_dir": str(build_dir), "module_name": name}
 
 
-def build_api_variant(source, header, build_dir, variant: str, *, symbol="efficiency",
-                      network_fn=None) -> dict:
+def build_api_variant(source, header, build_dir, variant: str, *, symbol="efficiency") -> dict:
     """Compile the generated C (`source`) with the harness loops into a cffi API-mode
-    extension, with the variant's flags. `network_fn` names the core's static network
-    function (float-pointer out, const float-pointer in), exposed as
-    effgen_parity_network. Returns a worker spec."""
+    extension, with the variant's flags. Returns a worker spec."""
     import cffi
 
     source, header = Path(source).resolve(), Path(header).resolve()
@@ -168,10 +165,6 @@ def build_api_variant(source, header, build_dir, variant: str, *, symbol="effici
     # The header first: the compiler then also checks it against the definitions.
     code = [f'#include "{header}"', f'#include "{source}"', f'#include "{HELPERS_C}"']
     cdef = decls + HELPER_CDEF
-    if network_fn:
-        code.append("static void effgen_parity_network(float *out, const float *in)\n"
-                    f"{{ (void){network_fn}(out, in); }}")
-        cdef += "void effgen_parity_network(float *out, const float *in);\n"
     code = "\n".join(code) + "\n"
     name = _module_name(variant, source.read_bytes(), HELPERS_C.read_bytes(), code, cdef,
                         spec["cflags"], spec["ldflags"], sys.version)
@@ -182,7 +175,7 @@ def build_api_variant(source, header, build_dir, variant: str, *, symbol="effici
                    extra_link_args=spec["ldflags"], libraries=["m"])
     out = _compile_module(ffi, name, build_dir)
     out.update(kind="api", variant=variant, symbol=symbol, cflags=spec["cflags"],
-               network=bool(network_fn), sanitizer=bool(spec.get("sanitizer")))
+               sanitizer=bool(spec.get("sanitizer")))
     return out
 
 
@@ -200,8 +193,7 @@ def build_helpers(build_dir) -> dict:
 
 def abi_spec(library, header, helpers, *, symbol="efficiency") -> dict:
     return dict(helpers, kind="abi", variant="abi", library=str(Path(library).resolve()),
-                header=str(Path(header).resolve()), symbol=symbol, network=False,
-                sanitizer=False)
+                header=str(Path(header).resolve()), symbol=symbol, sanitizer=False)
 
 
 # ---- the worker (runs in a subprocess, never imports TensorFlow) ---------------------
@@ -215,10 +207,10 @@ def _import_module(module_dir, module_name):
         sys.path.remove(module_dir)
 
 
-def evaluate(spec: dict, inputs, uniforms, draw_uniforms=None, network_inputs=None) -> dict:
+def evaluate(spec: dict, inputs, uniforms, draw_uniforms=None) -> dict:
     """Call one target on `inputs` (n x 12 float32): per-row and batch probabilities,
     track types with `uniforms` (one per row), draws with `draw_uniforms` (draw d uses
-    row d % n), the network alone on `network_inputs`, and the manifest."""
+    row d % n) and the manifest."""
     symbol = spec["symbol"]
     x = np.ascontiguousarray(inputs, dtype=np.float32)
     n, n_in = x.shape
@@ -268,13 +260,6 @@ def evaluate(spec: dict, inputs, uniforms, draw_uniforms=None, network_inputs=No
         hlib.effgen_parity_tracks(track_fn, fptr(draws, t="int *"), fptr(x), n, n_in,
                                   hffi.NULL, fptr(u), len(u))
         result["draws"] = draws.astype(np.int8)
-    if network_inputs is not None and spec.get("network"):
-        z = np.ascontiguousarray(network_inputs, dtype=np.float32)
-        net = np.full((len(z), n_out), np.nan, dtype=np.float32)
-        for i in range(len(z)):
-            lib.effgen_parity_network(ffi.cast("float *", net[i:].ctypes.data),
-                                      ffi.cast("float *", z[i:].ctypes.data))
-        result["network"] = net
     return result
 
 
@@ -282,8 +267,7 @@ def _worker_main(argv):
     spec = json.loads(Path(argv[0]).read_text())
     data = np.load(spec["inputs_npz"])
     out = evaluate(spec, data["inputs"], data["uniforms"],
-                   data["draw_uniforms"] if "draw_uniforms" in data else None,
-                   data["network_inputs"] if "network_inputs" in data else None)
+                   data["draw_uniforms"] if "draw_uniforms" in data else None)
     manifest = out.pop("manifest")
     np.savez(spec["output_npz"], manifest=np.array(manifest), **out)
     return 0
@@ -303,8 +287,7 @@ def sanitizer_env() -> dict:
     return env
 
 
-def run_worker(spec, work_dir, inputs, uniforms, draw_uniforms=None, network_inputs=None,
-               timeout=None) -> dict:
+def run_worker(spec, work_dir, inputs, uniforms, draw_uniforms=None, timeout=None) -> dict:
     """Run `evaluate` for one target in a fresh Python process; a crash or sanitizer
     report raises ParityError with the process's output."""
     work_dir = Path(work_dir)
@@ -313,8 +296,6 @@ def run_worker(spec, work_dir, inputs, uniforms, draw_uniforms=None, network_inp
     arrays = {"inputs": np.asarray(inputs, np.float32), "uniforms": np.asarray(uniforms, np.float32)}
     if draw_uniforms is not None:
         arrays["draw_uniforms"] = np.asarray(draw_uniforms, np.float32)
-    if network_inputs is not None:
-        arrays["network_inputs"] = np.asarray(network_inputs, np.float32)
     job = dict(spec, inputs_npz=str(work_dir / f"{tag}.in.npz"),
                output_npz=str(work_dir / f"{tag}.out.npz"))
     np.savez(job["inputs_npz"], **arrays)
@@ -408,9 +389,10 @@ def cumulative_boundaries(p) -> np.ndarray:
     return np.stack([c0, c1, c2], axis=1)
 
 
-def draw_agreement(c_types, ref_probs, c_probs, r, tol, max_listed=200) -> dict:
+def draw_agreement(c_types, ref_probs, c_probs, r, tol, max_listed=10_000) -> dict:
     """C track types against random_category on TF's probabilities with the same
-    uniforms; every disagreement listed (up to max_listed) and classified."""
+    uniforms; every disagreement listed (up to max_listed, a guard against a broken
+    library filling the report) and classified."""
     from effgen.abi import python_track_type
 
     r = np.asarray(r, np.float32)
@@ -526,24 +508,29 @@ def backend_of(manifest) -> str:
     return backend if backend in TOLERANCES else "effgen"
 
 
-def network_function(backend, symbol):
-    """Name of the core's static network function in generated source, if the backend
-    tells (`network_function(symbol)` or `step_function(symbol, 'network')`)."""
-    import importlib
+def build_network_alone(model_path, backend, work_dir, symbol="efficiency"):
+    """The network alone, as a library: the same model exported by the same backend
+    with an all-passthrough preprocessing, compiled with the production flags. Its
+    input is the sklearn-preprocessed features; returns (library, header)."""
+    from sklearn.compose import ColumnTransformer
 
-    for modname in (f"effgen.{backend}_backend", "effgen.codegen"):
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError:
-            continue
-        if backend == "scikinc" and hasattr(mod, "step_function"):
-            return mod.step_function(symbol, "network")
-        if hasattr(mod, "network_function"):
-            return mod.network_function(symbol)
-    return None
+    from effgen.compile import compile_shared
+    from effgen.export import export
+    from effgen.preprocess import save_preprocessing
+
+    work_dir = Path(work_dir)
+    n = len(schema.FEATURES)
+    identity = ColumnTransformer([("identity", "passthrough", list(range(n)))])
+    identity.fit(np.zeros((2, n)))
+    save_preprocessing(identity, work_dir / "identity_tX.pkl")
+    paths = export(model_path, work_dir / "identity_tX.pkl", work_dir / "network_alone",
+                   backend=backend, symbol=symbol)
+    c_path = next(Path(p) for p in paths.values() if str(p).endswith(".c"))
+    so = compile_shared(c_path, c_path.with_suffix(".so"))
+    return so, c_path.with_suffix(".h")
 
 
-def check_target(name, res, tf_probs, raw, uniforms, tol, *, network_ref=None) -> dict:
+def check_target(name, res, tf_probs, raw, uniforms, tol) -> dict:
     """All per-target checks on one worker result."""
     failures = []
     values = {"per_row": value_stats(res["per_row"], tf_probs, raw),
@@ -558,11 +545,6 @@ def check_target(name, res, tf_probs, raw, uniforms, tol, *, network_ref=None) -
                             f"(tolerance {tol['function']:g}, NaN rows {v['nan_rows']})")
     if res.get("bad_return_row", -1) >= 0:
         failures.append(f"{name}: efficiency() did not return its out pointer (row {res['bad_return_row']})")
-    if "network" in res and network_ref is not None:
-        values["network"] = value_stats(res["network"], network_ref[0], network_ref[1])
-        if values["network"]["nan_rows"] or values["network"]["max"] > tol["network"]:
-            failures.append(f"{name}: network alone max |C - TF| = {values['network']['max']:.3g} "
-                            f"(tolerance {tol['network']:g})")
     safety = {how: lamarr_safety(res[how]) for how in ("per_row", "batch")}
     for how, s in safety.items():
         bad = s["nan_values"] + s["negative_values"] + s["above_one_values"] + s["lamarr_sum_above_one"]
@@ -580,13 +562,43 @@ def check_target(name, res, tf_probs, raw, uniforms, tol, *, network_ref=None) -
             "failures": failures, "passed": not failures}
 
 
+def header_backend(header) -> str:
+    """The backend named in a generated header's banner ("(backend: NAME)")."""
+    m = re.search(r"\(backend: (\w+)\)", Path(header).read_text())
+    return m.group(1) if m else "effgen"
+
+
+def _network_alone(model_path, backend, work, symbol, pre, tf_probs, uniforms, tol, say):
+    """Build and check the network-alone library on the preprocessed rows."""
+    say(f"parity: network alone ({backend} backend, passthrough preprocessing)")
+    try:
+        so, header = build_network_alone(model_path, backend, work / "network_alone", symbol)
+    except ImportError as err:
+        return {"available": False, "reason": f"effgen.export not importable: {err}"}
+    spec = abi_spec(so, header, build_helpers(work / "build"), symbol=symbol)
+    spec["variant"] = "network_alone"
+    res = run_worker(spec, work, pre, uniforms)
+    v = value_stats(res["per_row"], tf_probs, pre)
+    failures = []
+    if v["nan_rows"] or v["max"] > tol:
+        failures.append(f"network alone: max |C - TF| = {v['max']:.3g} (tolerance {tol:g})")
+    return {"available": True, "library": str(so), "tolerance": tol, "values": v,
+            "failures": failures, "passed": not failures}
+
+
 def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, library=None,
                source=None, header=None, symbol="efficiency", rows=DEFAULT_ROWS,
                draws=DEFAULT_DRAWS, variants=("production", "portable", "sanitize"),
-               sanitize_rows=DEFAULT_SANITIZE_ROWS, output_dir="build/parity", seed=12345,
-               progress=True) -> dict:
+               sanitize_rows=DEFAULT_SANITIZE_ROWS, network_alone=True,
+               output_dir="build/parity", seed=12345, progress=True) -> dict:
     """Run every check; write report.json, differences.png and summary.txt into
-    output_dir and return the report (report['passed'] is the verdict)."""
+    output_dir and return the report (report['passed'] is the verdict).
+
+    Rows: `raw` (n x 12 float32) or the first `rows` of `data_dir`'s raw_<feature>
+    columns. Targets: `library` (ABI mode) and `variants` API builds of `source`.
+    The first target gives the `draws` for the distribution test."""
+    import sysconfig
+
     from effgen.atomic import atomic_file
     from effgen.preprocess import load_preprocessing
 
@@ -605,6 +617,9 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
         header = Path(library).with_suffix(".h")
     if header is None or not Path(header).is_file():
         raise ParityError(f"generated header {header} not found (needed for the declarations)")
+    for v in variants:
+        if v not in VARIANTS:
+            raise ParityError(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")
     if raw is None:
         if data_dir is None:
             raise ParityError("no rows: give data_dir (a validation directory) or raw")
@@ -615,8 +630,7 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
         raise ParityError("no rows to check")
 
     say(f"parity: TensorFlow reference on {n} rows")
-    pre_t = load_preprocessing(preprocessing_path)
-    tf_probs, pre = tf_reference(model_path, pre_t, raw)
+    tf_probs, pre = tf_reference(model_path, load_preprocessing(preprocessing_path), raw)
 
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     uniforms = rng.random(n, dtype=np.float32)
@@ -624,50 +638,43 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
 
     targets = []
     if library is not None:
-        helpers = build_helpers(work / "build")
-        targets.append(abi_spec(library, header, helpers, symbol=symbol))
-    net_fn = None
+        targets.append(abi_spec(library, header, build_helpers(work / "build"), symbol=symbol))
     if source is not None:
         for v in variants:
-            if v not in VARIANTS:
-                raise ParityError(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")
-        # The backend (hence the network function's name) is named in the header's banner.
-        m = re.search(r"\(backend: (\w+)\)", Path(header).read_text())
-        net_fn = network_function(m.group(1) if m else "effgen", symbol)
-        for v in variants:
             say(f"parity: building {v} ({' '.join(VARIANTS[v]['cflags'])})")
-            targets.append(build_api_variant(source, header, work / "build", v, symbol=symbol,
-                                             network_fn=net_fn))
+            targets.append(build_api_variant(source, header, work / "build", v, symbol=symbol))
+    if not targets:
+        raise ParityError("no target to run (a source with an empty variant list)")
 
+    backend = header_backend(header)
     report = {"model": str(model_path), "preprocessing": str(preprocessing_path),
-              "data": str(data_dir) if data_dir else None, "library": str(library) if library else None,
+              "data": str(data_dir) if data_dir else None,
+              "library": str(library) if library else None,
               "source": str(source) if source else None, "symbol": symbol, "rows": n,
-              "seed": seed, "targets": {}, "failures": []}
+              "seed": seed, "backend": backend, "targets": {}, "failures": [],
+              # cffi builds add Python's own flags before each variant's flags.
+              "python_cflags": sysconfig.get_config_var("CFLAGS")}
     primary = targets[0]["variant"]
     results = {}
     for spec in targets:
         name = spec["variant"]
         m = n if not spec.get("sanitizer") else min(n, sanitize_rows)
-        say(f"parity: running {name} on {m} rows"
-            + (f" + {len(draw_uniforms)} draws" if name == primary and draw_uniforms is not None else ""))
+        with_draws = name == primary and draw_uniforms is not None
+        say(f"parity: running {name} on {m} rows" + (f" + {len(draw_uniforms)} draws" if with_draws else ""))
         try:
-            res = run_worker(spec, work, raw[:m], uniforms[:m],
-                             draw_uniforms if name == primary else None,
-                             pre[:m] if spec.get("network") else None)
+            res = run_worker(spec, work, raw[:m], uniforms[:m], draw_uniforms if with_draws else None)
         except (ParityError, subprocess.TimeoutExpired) as err:
             report["targets"][name] = {"passed": False, "failures": [f"{name}: {err}"]}
             report["failures"].append(f"{name}: crashed or sanitizer report: {str(err)[:2000]}")
             continue
-        backend = backend_of(res["manifest"])
-        tol = TOLERANCES[backend]
-        chk = check_target(name, res, tf_probs[:m], raw[:m], uniforms[:m], tol,
-                           network_ref=(tf_probs[:m], pre[:m]))
-        chk.update(rows=m, backend=backend, tolerances=tol,
+        tol = TOLERANCES[backend_of(res["manifest"])]
+        chk = check_target(name, res, tf_probs[:m], raw[:m], uniforms[:m], tol)
+        chk.update(rows=m, backend=backend_of(res["manifest"]), tolerances=tol,
                    build={k: spec[k] for k in ("kind", "cflags") if k in spec})
         report["targets"][name] = chk
         report["failures"] += chk["failures"]
         results[name] = res
-        if name == primary and "draws" in res:
+        if "draws" in res:
             dist = draw_distribution(res["draws"], tf_probs[:m], raw[:m, schema.FEATURES.index("mc_log10_p")])
             dist["target"] = name
             report["draw_distribution"] = dist
@@ -677,18 +684,23 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
                     + (f"; {dist['other_types']} draws outside 0/3/4/5" if dist["other_types"] else ""))
     if draws and "draw_distribution" not in report:
         report["failures"].append(f"draw distribution: the primary target {primary} gave no draws")
-    report["backend"] = next((t.get("backend") for t in report["targets"].values() if t.get("backend")), None)
-    report["network_function"] = net_fn
+    if network_alone:
+        tol = TOLERANCES[backend if backend in TOLERANCES else "effgen"]["network"]
+        try:
+            net = _network_alone(model_path, backend, work, symbol, pre, tf_probs, uniforms, tol, say)
+        except Exception as err:  # a failed export/compile of the probe is a finding too
+            net = {"available": True, "passed": False,
+                   "failures": [f"network alone: could not build or run: {err}"]}
+        report["network_alone"] = net
+        report["failures"] += net.get("failures", [])
     report["passed"] = not report["failures"]
     report["runtime_s"] = time.perf_counter() - t_start
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_file(output_dir / "report.json", "w") as f:
         json.dump(report, f, indent=2)
     plot_differences(results, tf_probs, output_dir / "differences.png")
-    text = summary(report)
     with atomic_file(output_dir / "summary.txt", "w") as f:
-        f.write(text + "\n")
+        f.write(summary(report) + "\n")
     return report
 
 
@@ -729,13 +741,17 @@ def summary(report) -> str:
             lines.append(f"  {name:<11} CRASHED")
             continue
         v, d = t["values"], t["draws_identical_uniforms"]
-        net = v.get("network", {}).get("max")
         lines.append(
             f"  {name:<11} max|C-TF| row {v['per_row']['max']:.2e} batch {v['batch']['max']:.2e}"
-            + (f" net {net:.2e}" if net is not None else "")
-            + f" (tol {t['tolerances']['function']:g}); draws {d['disagreements']} differ"
+            f" (tol {t['tolerances']['function']:g}); draws {d['disagreements']} differ"
             f" ({d['rounding']} rounding, {d['unexplained']} not); {t['rows']} rows"
             f" {'ok' if t['passed'] else 'FAIL'}")
+    net = report.get("network_alone")
+    if net and "values" in net:
+        lines.append(f"  network alone: max|C-TF| {net['values']['max']:.2e} (tol {net['tolerance']:g})"
+                     f" {'ok' if net['passed'] else 'FAIL'}")
+    elif net:
+        lines.append(f"  network alone: {net.get('reason') or 'FAILED'}")
     dist = report.get("draw_distribution")
     if dist:
         pv = [f"{b['bin']}: {b['p_value']:.3g}" for b in dist["per_bin"] if b["p_value"] is not None]
