@@ -1,0 +1,135 @@
+"""Validation: the metrics on constructed inputs, then the full report on a tiny model."""
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+
+from effgen import schema
+from effgen.validate import calibration, compute_metrics, log_loss, species_masks, validate
+
+
+def _draw(prob, rng):
+    """One-hot labels drawn from per-row probabilities."""
+    cls = (rng.random(len(prob))[:, None] > np.cumsum(prob, axis=1)[:, :-1]).sum(axis=1)
+    return np.eye(prob.shape[1], dtype=np.float32)[cls]
+
+
+def _truth(n, rng):
+    logits = rng.normal(size=(n, 4)) * 1.5
+    return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+
+def test_log_loss_is_the_mean_negative_log_of_the_label_probability():
+    prob = np.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]])
+    assert log_loss(prob, np.array([0, 1])) == pytest.approx(-(np.log(0.5) + np.log(0.8)) / 2)
+    # A zero probability on the label is floored, not infinite.
+    assert np.isfinite(log_loss(np.array([[1.0, 0.0]]), np.array([1])))
+
+
+def test_calibration_separates_calibrated_from_distorted_predictions():
+    rng = np.random.default_rng(0)
+    p = rng.random(200_000)
+    outcome = (rng.random(p.size) < p).astype(float)
+    good = calibration(p, outcome)
+    bad = calibration(p ** 2, outcome)  # systematically too low
+    assert good["ece"] < 0.01
+    assert bad["ece"] > 0.1
+    assert good["count"].sum() == p.size
+    # Against the probabilities themselves the gap is only the binning width effect.
+    assert calibration(p, p)["ece"] < 1e-9
+
+
+def test_metrics_of_the_truth_and_of_the_prior():
+    rng = np.random.default_rng(1)
+    n = 50_000
+    truth = _truth(n, rng)
+    labels = _draw(truth, rng)
+    flags = {"mc_is_e": rng.random(n) < 0.1}
+    flags["mc_is_mu"] = ~flags["mc_is_e"] & (rng.random(n) < 0.1)
+    flags["mc_is_h"] = ~(flags["mc_is_e"] | flags["mc_is_mu"])
+    masks = species_masks({k: v.astype(np.float32) for k, v in flags.items()})
+
+    exact = compute_metrics(truth.astype(np.float32), labels, truth, masks)
+    assert exact["log_loss"]["model_minus_truth"] == pytest.approx(0, abs=1e-6)
+    assert exact["kl_truth_to_model"] == pytest.approx(0, abs=1e-6)
+    assert exact["log_loss"]["truth"] < exact["log_loss"]["prior"]
+    for row in exact["per_class"].values():
+        assert row["mean_abs_diff_vs_truth"] < 1e-6
+        assert row["calibration_error_vs_labels"] < 0.02
+
+    prior = np.broadcast_to(labels.mean(axis=0), labels.shape)
+    flat = compute_metrics(prior, labels, truth, masks)
+    assert flat["log_loss"]["model"] == pytest.approx(flat["log_loss"]["prior"], rel=1e-6)
+    assert flat["log_loss"]["model_minus_truth"] > 0.05
+    assert flat["kl_truth_to_model"] > 0.05
+
+    for name, mask in masks.items():
+        sp = exact["per_species"][name]
+        assert sp["n"] == int(mask.sum())
+        np.testing.assert_allclose(sp["label_counts"], labels[mask].sum(axis=0))
+        np.testing.assert_allclose(sp["predicted_sums"], truth[mask].sum(axis=0), rtol=1e-5)
+    assert sum(sp["n"] for sp in exact["per_species"].values()) == n
+
+
+def test_metrics_count_rows_that_would_abort_a_lamarr_step():
+    labels = np.eye(4, dtype=np.float32)[[0, 1, 2, 3]]
+    pred = np.array([[0.5, 0.3, 0.2, 0.0],      # first three sum to exactly 1: allowed
+                     [0.6, 0.3, 0.2, 0.0],      # 1.1: would abort
+                     [0.25, 0.25, 0.25, 0.25],
+                     [0.1, 0.1, 0.1, 0.7]], dtype=np.float32)
+    m = compute_metrics(pred, labels, None, {})
+    assert m["rows_first3_sum_above_1_float32"] == 1
+    assert "truth" not in m["log_loss"] and "kl_truth_to_model" not in m
+    assert m["probability_sum_max_abs_error"] == pytest.approx(0.1, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    from effgen.train import train
+
+    out = tmp_path_factory.mktemp("validate_model") / "model.keras"
+    train(tiny_dataset["train"], tiny_dataset["validation"], out, batch_size=512,
+          steps_per_epoch=10, max_epochs=100, pre_limit_s=3, ft_limit_s=4, width=16, blocks=1,
+          seed=0, verbose=0)
+    return out
+
+
+def test_validate_writes_a_self_contained_report(trained, tiny_dataset, tmp_path):
+    out_dir = tmp_path / "validation"
+    metrics = validate(trained, tiny_dataset["validation"], out_dir, max_rows=1500,
+                       preprocessing_path=tiny_dataset["preprocessing"])
+    assert metrics["n_rows"] == 1500
+    assert json.loads((out_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+
+    pngs = sorted(p.name for p in out_dir.glob("*.png"))
+    assert pngs == sorted(metrics["plots"]) and len(pngs) == 6
+    html = (out_dir / "report.html").read_text()
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(uris) == len(pngs)
+    assert sorted(base64.b64decode(u) for u in uris) == \
+        sorted((out_dir / name).read_bytes() for name in pngs)
+    assert not re.search(r'src="(?!data:)', html)  # nothing refers to outside files
+    for name in schema.LABELS:
+        assert name in html
+
+    ll = metrics["log_loss"]
+    assert all(np.isfinite(v) for v in ll.values())
+    # Trained for seconds: clearly better than the constant prior, not better than the truth
+    # beyond sampling noise.
+    assert ll["truth"] < ll["model"] < ll["prior"]
+    assert metrics["kl_truth_to_model"] > 0
+    for row in metrics["per_class"].values():
+        assert 0 <= row["mean_abs_diff_vs_truth"] < 0.5
+        assert 0 <= row["calibration_error_vs_truth"] < 0.5
+    assert sum(sp["n"] for sp in metrics["per_species"].values()) == 1500
+    assert metrics["probability_sum_max_abs_error"] < 1e-5
+    # The shards' features are tX(raw): the pickled preprocessing reproduces them.
+    assert metrics["preprocessing_max_abs_diff"] < 1e-4
+
+
+def test_validate_names_a_missing_model(tiny_dataset, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.keras"):
+        validate(tmp_path / "nope.keras", tiny_dataset["validation"], tmp_path / "v")
