@@ -154,9 +154,12 @@ def _compile_module(ffi, name, build_dir) -> dict:
     return {"module_dir": str(build_dir), "module_name": name}
 
 
-def build_api_variant(source, header, build_dir, variant: str, *, symbol="efficiency") -> dict:
+def build_api_variant(source, header, build_dir, variant: str, *, symbol="efficiency",
+                      network_fn=None) -> dict:
     """Compile the generated C (`source`) with the harness loops into a cffi API-mode
-    extension, with the variant's flags. Returns a worker spec."""
+    extension, with the variant's flags. `network_fn` names the core's static
+    network-alone function (out, preprocessed in), exposed as effgen_parity_network.
+    Returns a worker spec."""
     import cffi
 
     source, header = Path(source).resolve(), Path(header).resolve()
@@ -165,6 +168,10 @@ def build_api_variant(source, header, build_dir, variant: str, *, symbol="effici
     # The header first: the compiler then also checks it against the definitions.
     code = [f'#include "{header}"', f'#include "{source}"', f'#include "{HELPERS_C}"']
     cdef = decls + HELPER_CDEF
+    if network_fn:
+        code.append("static float *effgen_parity_network(float *out, const float *in)\n"
+                    f"{{ (void){network_fn}(out, in); return out; }}")
+        cdef += "float *effgen_parity_network(float *out, const float *in);\n"
     code = "\n".join(code) + "\n"
     name = _module_name(variant, source.read_bytes(), HELPERS_C.read_bytes(), code, cdef,
                         spec["cflags"], spec["ldflags"], sys.version)
@@ -175,7 +182,7 @@ def build_api_variant(source, header, build_dir, variant: str, *, symbol="effici
                    extra_link_args=spec["ldflags"], libraries=["m"])
     out = _compile_module(ffi, name, build_dir)
     out.update(kind="api", variant=variant, symbol=symbol, cflags=spec["cflags"],
-               sanitizer=bool(spec.get("sanitizer")))
+               network=bool(network_fn), sanitizer=bool(spec.get("sanitizer")))
     return out
 
 
@@ -193,7 +200,8 @@ def build_helpers(build_dir) -> dict:
 
 def abi_spec(library, header, helpers, *, symbol="efficiency") -> dict:
     return dict(helpers, kind="abi", variant="abi", library=str(Path(library).resolve()),
-                header=str(Path(header).resolve()), symbol=symbol, sanitizer=False)
+                header=str(Path(header).resolve()), symbol=symbol, network=False,
+                sanitizer=False)
 
 
 # ---- the worker (runs in a subprocess, never imports TensorFlow) ---------------------
@@ -207,10 +215,10 @@ def _import_module(module_dir, module_name):
         sys.path.remove(module_dir)
 
 
-def evaluate(spec: dict, inputs, uniforms, draw_uniforms=None) -> dict:
+def evaluate(spec: dict, inputs, uniforms, draw_uniforms=None, network_inputs=None) -> dict:
     """Call one target on `inputs` (n x 12 float32): per-row and batch probabilities,
     track types with `uniforms` (one per row), draws with `draw_uniforms` (draw d uses
-    row d % n) and the manifest."""
+    row d % n), the network alone on `network_inputs` (API builds) and the manifest."""
     symbol = spec["symbol"]
     x = np.ascontiguousarray(inputs, dtype=np.float32)
     n, n_in = x.shape
@@ -260,6 +268,12 @@ def evaluate(spec: dict, inputs, uniforms, draw_uniforms=None) -> dict:
         hlib.effgen_parity_tracks(track_fn, fptr(draws, t="int *"), fptr(x), n, n_in,
                                   hffi.NULL, fptr(u), len(u))
         result["draws"] = draws.astype(np.int8)
+    if network_inputs is not None and spec.get("network"):
+        z = np.ascontiguousarray(network_inputs, dtype=np.float32)
+        net = np.full((len(z), n_out), np.nan, dtype=np.float32)
+        hlib.effgen_parity_rows(ffi.addressof(lib, "effgen_parity_network"), fptr(net), fptr(z),
+                                len(z), z.shape[1], n_out)
+        result["network"] = net
     return result
 
 
@@ -267,7 +281,8 @@ def _worker_main(argv):
     spec = json.loads(Path(argv[0]).read_text())
     data = np.load(spec["inputs_npz"])
     out = evaluate(spec, data["inputs"], data["uniforms"],
-                   data["draw_uniforms"] if "draw_uniforms" in data else None)
+                   data["draw_uniforms"] if "draw_uniforms" in data else None,
+                   data["network_inputs"] if "network_inputs" in data else None)
     manifest = out.pop("manifest")
     np.savez(spec["output_npz"], manifest=np.array(manifest), **out)
     return 0
@@ -287,7 +302,8 @@ def sanitizer_env() -> dict:
     return env
 
 
-def run_worker(spec, work_dir, inputs, uniforms, draw_uniforms=None, timeout=None) -> dict:
+def run_worker(spec, work_dir, inputs, uniforms, draw_uniforms=None, network_inputs=None,
+               timeout=None) -> dict:
     """Run `evaluate` for one target in a fresh Python process; a crash or sanitizer
     report raises ParityError with the process's output."""
     work_dir = Path(work_dir)
@@ -296,6 +312,8 @@ def run_worker(spec, work_dir, inputs, uniforms, draw_uniforms=None, timeout=Non
     arrays = {"inputs": np.asarray(inputs, np.float32), "uniforms": np.asarray(uniforms, np.float32)}
     if draw_uniforms is not None:
         arrays["draw_uniforms"] = np.asarray(draw_uniforms, np.float32)
+    if network_inputs is not None:
+        arrays["network_inputs"] = np.asarray(network_inputs, np.float32)
     job = dict(spec, inputs_npz=str(work_dir / f"{tag}.in.npz"),
                output_npz=str(work_dir / f"{tag}.out.npz"))
     np.savez(job["inputs_npz"], **arrays)
@@ -508,29 +526,20 @@ def backend_of(manifest) -> str:
     return backend if backend in TOLERANCES else "effgen"
 
 
-def build_network_alone(model_path, backend, work_dir, symbol="efficiency"):
-    """The network alone, as a library: the same model exported by the same backend
-    with an all-passthrough preprocessing, compiled with the production flags. Its
-    input is the sklearn-preprocessed features; returns (library, header)."""
-    from sklearn.compose import ColumnTransformer
+def network_function(backend, symbol):
+    """Name of the generated core's static network-alone function (output, preprocessed
+    input), as the backend's module tells it; None if it does not."""
+    import importlib
 
-    from effgen.compile import compile_shared
-    from effgen.export import export
-    from effgen.preprocess import save_preprocessing
-
-    work_dir = Path(work_dir)
-    n = len(schema.FEATURES)
-    identity = ColumnTransformer([("identity", "passthrough", list(range(n)))])
-    identity.fit(np.zeros((2, n)))
-    save_preprocessing(identity, work_dir / "identity_tX.pkl")
-    paths = export(model_path, work_dir / "identity_tX.pkl", work_dir / "network_alone",
-                   backend=backend, symbol=symbol)
-    c_path = next(Path(p) for p in paths.values() if str(p).endswith(".c"))
-    so = compile_shared(c_path, c_path.with_suffix(".so"))
-    return so, c_path.with_suffix(".h")
+    try:
+        if backend == "scikinc":
+            return importlib.import_module("effgen.scikinc_backend").step_function(symbol, "network")
+        return importlib.import_module("effgen.codegen").network_function(symbol)
+    except (ImportError, AttributeError):
+        return None
 
 
-def check_target(name, res, tf_probs, raw, uniforms, tol) -> dict:
+def check_target(name, res, tf_probs, raw, uniforms, tol, pre=None) -> dict:
     """All per-target checks on one worker result."""
     failures = []
     values = {"per_row": value_stats(res["per_row"], tf_probs, raw),
@@ -543,6 +552,11 @@ def check_target(name, res, tf_probs, raw, uniforms, tol) -> dict:
         if v["nan_rows"] or v["max"] > tol["function"]:
             failures.append(f"{name}: {how} max |C - TF| = {v['max']:.3g} "
                             f"(tolerance {tol['function']:g}, NaN rows {v['nan_rows']})")
+    if "network" in res:
+        values["network"] = value_stats(res["network"], tf_probs, pre)
+        if values["network"]["nan_rows"] or values["network"]["max"] > tol["network"]:
+            failures.append(f"{name}: network alone max |C - TF| = {values['network']['max']:.3g} "
+                            f"(tolerance {tol['network']:g})")
     if res.get("bad_return_row", -1) >= 0:
         failures.append(f"{name}: efficiency() did not return its out pointer (row {res['bad_return_row']})")
     safety = {how: lamarr_safety(res[how]) for how in ("per_row", "batch")}
@@ -568,29 +582,10 @@ def header_backend(header) -> str:
     return m.group(1) if m else "effgen"
 
 
-def _network_alone(model_path, backend, work, symbol, pre, tf_probs, uniforms, tol, say):
-    """Build and check the network-alone library on the preprocessed rows."""
-    say(f"parity: network alone ({backend} backend, passthrough preprocessing)")
-    try:
-        so, header = build_network_alone(model_path, backend, work / "network_alone", symbol)
-    except ImportError as err:
-        return {"available": False, "reason": f"effgen.export not importable: {err}"}
-    spec = abi_spec(so, header, build_helpers(work / "build"), symbol=symbol)
-    spec["variant"] = "network_alone"
-    res = run_worker(spec, work, pre, uniforms)
-    v = value_stats(res["per_row"], tf_probs, pre)
-    failures = []
-    if v["nan_rows"] or v["max"] > tol:
-        failures.append(f"network alone: max |C - TF| = {v['max']:.3g} (tolerance {tol:g})")
-    return {"available": True, "library": str(so), "tolerance": tol, "values": v,
-            "failures": failures, "passed": not failures}
-
-
 def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, library=None,
                source=None, header=None, symbol="efficiency", rows=DEFAULT_ROWS,
                draws=DEFAULT_DRAWS, variants=("production", "portable", "sanitize"),
-               sanitize_rows=DEFAULT_SANITIZE_ROWS, network_alone=True,
-               output_dir="build/parity", seed=12345, progress=True) -> dict:
+               sanitize_rows=DEFAULT_SANITIZE_ROWS, output_dir="build/parity", seed=12345, progress=True) -> dict:
     """Run every check; write report.json, differences.png and summary.txt into
     output_dir and return the report (report['passed'] is the verdict).
 
@@ -639,22 +634,33 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
     targets = []
     if library is not None:
         targets.append(abi_spec(library, header, build_helpers(work / "build"), symbol=symbol))
+    backend = header_backend(header)
+    net_fn = network_function(backend, symbol) if source is not None else None
+    if net_fn and not re.search(rf"\b{re.escape(net_fn)}\s*\(", source.read_text()):
+        net_fn = None
+    build_failures = {}
     if source is not None:
         for v in variants:
             say(f"parity: building {v} ({' '.join(VARIANTS[v]['cflags'])})")
-            targets.append(build_api_variant(source, header, work / "build", v, symbol=symbol))
-    if not targets:
+            try:
+                targets.append(build_api_variant(source, header, work / "build", v,
+                                                 symbol=symbol, network_fn=net_fn))
+            except ParityError as err:
+                build_failures[v] = f"{v}: does not build: {err}"
+    if not targets and not build_failures:
         raise ParityError("no target to run (a source with an empty variant list)")
-
-    backend = header_backend(header)
     report = {"model": str(model_path), "preprocessing": str(preprocessing_path),
               "data": str(data_dir) if data_dir else None,
               "library": str(library) if library else None,
               "source": str(source) if source else None, "symbol": symbol, "rows": n,
-              "seed": seed, "backend": backend, "targets": {}, "failures": [],
+              "seed": seed, "backend": backend, "network_function": net_fn,
+              "targets": {}, "failures": [],
               # cffi builds add Python's own flags before each variant's flags.
               "python_cflags": sysconfig.get_config_var("CFLAGS")}
-    primary = targets[0]["variant"]
+    for v, msg in build_failures.items():
+        report["targets"][v] = {"passed": False, "failures": [msg]}
+        report["failures"].append(msg[:3000])
+    primary = targets[0]["variant"] if targets else None
     results = {}
     for spec in targets:
         name = spec["variant"]
@@ -662,13 +668,14 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
         with_draws = name == primary and draw_uniforms is not None
         say(f"parity: running {name} on {m} rows" + (f" + {len(draw_uniforms)} draws" if with_draws else ""))
         try:
-            res = run_worker(spec, work, raw[:m], uniforms[:m], draw_uniforms if with_draws else None)
+            res = run_worker(spec, work, raw[:m], uniforms[:m], draw_uniforms if with_draws else None,
+                             pre[:m] if spec.get("network") else None)
         except (ParityError, subprocess.TimeoutExpired) as err:
             report["targets"][name] = {"passed": False, "failures": [f"{name}: {err}"]}
             report["failures"].append(f"{name}: crashed or sanitizer report: {str(err)[:2000]}")
             continue
         tol = TOLERANCES[backend_of(res["manifest"])]
-        chk = check_target(name, res, tf_probs[:m], raw[:m], uniforms[:m], tol)
+        chk = check_target(name, res, tf_probs[:m], raw[:m], uniforms[:m], tol, pre[:m])
         chk.update(rows=m, backend=backend_of(res["manifest"]), tolerances=tol,
                    build={k: spec[k] for k in ("kind", "cflags") if k in spec})
         report["targets"][name] = chk
@@ -684,15 +691,9 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
                     + (f"; {dist['other_types']} draws outside 0/3/4/5" if dist["other_types"] else ""))
     if draws and "draw_distribution" not in report:
         report["failures"].append(f"draw distribution: the primary target {primary} gave no draws")
-    if network_alone:
-        tol = TOLERANCES[backend if backend in TOLERANCES else "effgen"]["network"]
-        try:
-            net = _network_alone(model_path, backend, work, symbol, pre, tf_probs, uniforms, tol, say)
-        except Exception as err:  # a failed export/compile of the probe is a finding too
-            net = {"available": True, "passed": False,
-                   "failures": [f"network alone: could not build or run: {err}"]}
-        report["network_alone"] = net
-        report["failures"] += net.get("failures", [])
+    if source is not None and not net_fn:
+        report["failures"].append(f"network alone: no network function of the {backend} backend "
+                                  f"in {source}")
     report["passed"] = not report["failures"]
     report["runtime_s"] = time.perf_counter() - t_start
 
@@ -741,17 +742,13 @@ def summary(report) -> str:
             lines.append(f"  {name:<11} CRASHED")
             continue
         v, d = t["values"], t["draws_identical_uniforms"]
+        net = v.get("network", {}).get("max")
         lines.append(
             f"  {name:<11} max|C-TF| row {v['per_row']['max']:.2e} batch {v['batch']['max']:.2e}"
-            f" (tol {t['tolerances']['function']:g}); draws {d['disagreements']} differ"
+            + (f" network {net:.2e}" if net is not None else "")
+            + f" (tol {t['tolerances']['function']:g}); draws {d['disagreements']} differ"
             f" ({d['rounding']} rounding, {d['unexplained']} not); {t['rows']} rows"
             f" {'ok' if t['passed'] else 'FAIL'}")
-    net = report.get("network_alone")
-    if net and "values" in net:
-        lines.append(f"  network alone: max|C-TF| {net['values']['max']:.2e} (tol {net['tolerance']:g})"
-                     f" {'ok' if net['passed'] else 'FAIL'}")
-    elif net:
-        lines.append(f"  network alone: {net.get('reason') or 'FAILED'}")
     dist = report.get("draw_distribution")
     if dist:
         pv = [f"{b['bin']}: {b['p_value']:.3g}" for b in dist["per_bin"] if b["p_value"] is not None]
