@@ -1,0 +1,618 @@
+"""`effgen bench`: how fast the deployed function is, measured in one run.
+
+Sections (select with --sections):
+  codegen  seconds to export each backend's C (effgen, scikinc) and to compile it with
+           the production flags, and the .so size.
+  calls    microseconds per particle: both libraries through c_harness/timing.c (per
+           call, as Lamarr calls them, and batched), TensorFlow `model.predict` on one
+           batch, ONNX Runtime on the same Keras model (one batch, and batch 1 per call).
+  lamarr   particles per second through SQLamarr's efficiency Plugin step with each
+           library on the same synthetic events (and an "echo" library: the Plugin's
+           own cost).
+  reader   rows per second of the training-data reader vs the seed notebook's design
+           (effgen.bench_data).
+
+The machine is shared and noisy, so every number is the median of `repeats` runs made
+in this process, the cases of a section interleaved round by round (a load spike hits
+all cases alike), with the spread (min-max, quartiles in the JSON) and a ratio to the
+section's baseline. The process and its children are pinned to one CPU; TensorFlow and
+ONNX Runtime get one thread. Results go to <output-dir>/bench.md and bench.json.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from effgen import schema
+from effgen.atomic import atomic_file, atomic_path
+
+SECTIONS = ("codegen", "calls", "lamarr", "reader")
+BACKENDS = ("effgen", "scikinc")
+HARNESS = Path(__file__).resolve().parent.parent / "c_harness" / "timing.c"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    repeats: int = 5
+    build_repeats: int = 3        # export + compile are seconds each: fewer repeats
+    rows: int = 10_000            # particles per C-harness run and through Lamarr
+    tf_batch: int = 10_000
+    ort_call_rows: int = 2_000    # Python-loop calls of ORT with batch 1
+    reader_sample_rows: int = 1_000_000  # sample size; the reader reads its train split
+    reader_batch: int = 100_000
+    reader_original_rows: int = 100_000  # rows per pass of the slow original reader
+    width: int = 128              # synthetic model (seed architecture by default)
+    blocks: int = 5
+    fit_rows: int = 20_000        # synthetic rows the synthetic model's preprocessing sees
+
+
+DEFAULT = Sizes()
+QUICK = Sizes(repeats=2, build_repeats=1, rows=300, tf_batch=500, ort_call_rows=100,
+              reader_sample_rows=4_000, reader_batch=500, reader_original_rows=1_000,
+              width=16, blocks=1, fit_rows=2_000)
+
+
+# ---- statistics and table rows -------------------------------------------------------
+def summarize(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("no measurements to summarize")
+    q1, med, q3 = np.quantile(v, [0.25, 0.5, 0.75])
+    return {"median": float(med), "min": float(v.min()), "max": float(v.max()),
+            "q1": float(q1), "q3": float(q3), "runs": [float(x) for x in v]}
+
+
+def row(name, unit, values, note="") -> dict:
+    return {"name": name, "unit": unit, **summarize(values), "note": note}
+
+
+def add_ratios(rows, baseline_name, higher_is_better):
+    """ratio = how many times better than the baseline row (speed-up): baseline/value
+    for costs, value/baseline for throughputs."""
+    base = next(r for r in rows if r["name"] == baseline_name)["median"]
+    for r in rows:
+        r["ratio"] = r["median"] / base if higher_is_better else base / r["median"]
+    return rows
+
+
+# ---- environment ---------------------------------------------------------------------
+def pin_to_one_cpu(cpu=None):
+    """Pin this process (and so the children it starts) to one CPU; return (cpu,
+    previous affinity) or (None, None) where the OS does not allow it."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None, None
+    previous = os.sched_getaffinity(0)
+    cpu = max(previous) if cpu is None else int(cpu)
+    if cpu not in previous:
+        raise SystemExit(f"effgen bench: CPU {cpu} is not among the allowed CPUs {sorted(previous)}")
+    os.sched_setaffinity(0, {cpu})
+    return cpu, previous
+
+
+def configure_tensorflow() -> str:
+    """One intra-op and one inter-op thread; must run before TensorFlow's runtime starts."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        return "1 intra-op / 1 inter-op thread"
+    except RuntimeError as err:  # the runtime was started earlier in this process
+        return f"threads NOT limited ({err})"
+
+
+def load_sqlamarr_before_tensorflow():
+    """SQLamarr's bundled SQLite must be loaded before TensorFlow: with TensorFlow
+    loaded first, the Plugin's query fails with "no such function: log10" (another
+    SQLite build wins the symbol lookup)."""
+    if "SQLamarr" not in sys.modules and "tensorflow" in sys.modules:
+        raise RuntimeError("the lamarr section needs SQLamarr imported before TensorFlow; "
+                           "run it in a fresh process (effgen bench --sections lamarr)")
+    import SQLamarr  # noqa: F401
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        gcc = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        gcc = "not found"
+    return {"cpu_model": cpu, "cpus": os.cpu_count(), "gcc": gcc, "python": platform.python_version()}
+
+
+# ---- model and inputs ----------------------------------------------------------------
+def raw_features(n, seed) -> np.ndarray:
+    """n rows of raw features (schema.FEATURES order, float32) from the synthetic toy."""
+    import pyarrow as pa
+
+    from effgen import synth
+
+    table = pa.Table.from_batches(list(synth.generate(n, seed)), schema=synth.arrow_schema())
+    return np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
+
+
+def synthetic_model(out_dir, sizes: Sizes, seed) -> tuple:
+    """Random-weight model of the seed architecture and a preprocessing fitted on a
+    synthetic sample, saved as model.keras / tX.pkl under out_dir."""
+    from effgen.model import build_model
+    from effgen.preprocess import fit_preprocessing, save_preprocessing
+
+    out_dir = Path(out_dir)
+    model = build_model(width=sizes.width, n_blocks=sizes.blocks, seed=seed)
+    fit_rows = sizes.fit_rows
+    ct = fit_preprocessing(raw_features(fit_rows, seed), seed)
+    model_path, pre_path = out_dir / "model.keras", out_dir / "tX.pkl"
+    with atomic_path(model_path) as tmp:
+        model.save(tmp)
+    save_preprocessing(ct, pre_path)
+    desc = (f"seed architecture (width {sizes.width}, {sizes.blocks} residual blocks, "
+            f"{model.count_params():,} parameters) with RANDOM weights (seed {seed}) and a "
+            f"preprocessing fitted on {fit_rows:,} synthetic rows; not a trained model")
+    return model_path, pre_path, desc
+
+
+# ---- code generation and compile -----------------------------------------------------
+def export_source(backend, model_path, pre_path, out_dir, symbol) -> Path:
+    """<out_dir>/<symbol>.c for `backend`, through effgen.export."""
+    from effgen.export import export
+
+    c_path = Path(export(model_path, pre_path, out_dir, backend=backend, symbol=symbol)["source"])
+    if not c_path.is_file():
+        raise RuntimeError(f"export --backend {backend} wrote no {c_path}")
+    return c_path
+
+
+def build_backend(backend, model_path, pre_path, out_dir, symbol, repeats) -> dict:
+    """Export and compile `repeats` times; the last library is kept for timing."""
+    from effgen.compile import check_library, compile_shared
+
+    out_dir = Path(out_dir) / backend
+    export_s, compile_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        c_path = export_source(backend, model_path, pre_path, out_dir, symbol)
+        export_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        so = compile_shared(c_path, out_dir / f"{symbol}.so")
+        compile_s.append(time.perf_counter() - t0)
+    check_library(so, symbol)
+    return {"so": so, "export_s": export_s, "compile_s": compile_s,
+            "so_bytes": so.stat().st_size, "c_bytes": c_path.stat().st_size}
+
+
+def codegen_rows(builds) -> list:
+    from effgen.compile import DEFAULT_CFLAGS
+
+    flags = " ".join(DEFAULT_CFLAGS)
+    rows = []
+    for step, unit in (("export", "s"), ("compile", "s"), (".so size", "KiB")):
+        for backend in BACKENDS:
+            b = builds[backend]
+            values = {"export": b["export_s"], "compile": b["compile_s"],
+                      ".so size": [b["so_bytes"] / 1024]}[step]
+            note = {"export": f"load model + generate {b['c_bytes'] / 1024:.0f} KiB of C",
+                    "compile": f"gcc {flags}", ".so size": ""}[step]
+            rows.append(row(f"{backend}: {step}", unit, values, note))
+    for r in rows:  # each row against the scikinc row of the same step
+        base = next(x for x in rows if x["name"] == "scikinc: " + r["name"].split(": ", 1)[1])
+        r["ratio"] = r["median"] / base["median"]
+    return rows
+
+
+# ---- per-particle timings ------------------------------------------------------------
+def build_harness(out_dir, cc="gcc") -> Path:
+    exe = Path(out_dir) / "timing"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    tmp = exe.with_name(f".timing.{os.getpid()}.tmp")
+    cmd = [cc, "-std=c99", "-O2", "-Wall", "-Werror", "-o", str(tmp), str(HARNESS), "-ldl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling {HARNESS} failed:\n  {shlex.join(cmd)}\n{proc.stderr}")
+    os.replace(tmp, exe)
+    return exe
+
+
+def harness_case(exe, so, symbol, inputs_path, n_rows, mode):
+    """A callable running the C driver once (one warm-up pass, one timed pass)."""
+    cmd = [str(exe), str(so), symbol, str(inputs_path), str(n_rows),
+           str(len(schema.FEATURES)), str(len(schema.OUTPUTS)), "1", mode]
+
+    def once():
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return float(proc.stdout.split()[0])
+    return once
+
+
+def tf_cases(model, ct, x_raw):
+    """model.predict on one batch: network only (inputs preprocessed beforehand), and
+    with the sklearn preprocessing of the raw rows included."""
+    x_pre = ct.transform(x_raw.astype(np.float64)).astype(np.float32)
+    n = len(x_raw)
+
+    def timed(fn):
+        def once():
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e6 / n
+        return once
+
+    net = timed(lambda: model.predict(x_pre, batch_size=n, verbose=0))
+    full = timed(lambda: model.predict(ct.transform(x_raw.astype(np.float64)).astype(np.float32),
+                                       batch_size=n, verbose=0))
+    net(), full()  # warm-up: tracing of the predict function
+    return net, full, x_pre
+
+
+def onnx_session(model):
+    """The Keras model converted by tf2onnx and opened by ONNX Runtime on one thread;
+    returns (session, how it was converted)."""
+    import onnxruntime as ort
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, model.inputs[0].shape[-1]), tf.float32, name="x"),)
+    try:
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec)
+        how = "tf2onnx.convert.from_keras"
+    except Exception as err:  # Keras 3 models are not always accepted: trace a function
+        fn = tf.function(lambda x: model(x, training=False), input_signature=spec)
+        proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec)
+        how = f"tf2onnx.convert.from_function (from_keras failed: {type(err).__name__})"
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session, how
+
+
+def ort_cases(session, x_pre, call_rows):
+    name = session.get_inputs()[0].name
+    calls = x_pre[:call_rows]
+
+    def batch():
+        t0 = time.perf_counter()
+        session.run(None, {name: x_pre})
+        return (time.perf_counter() - t0) * 1e6 / len(x_pre)
+
+    def per_call():
+        t0 = time.perf_counter()
+        for i in range(len(calls)):
+            session.run(None, {name: calls[i:i + 1]})
+        return (time.perf_counter() - t0) * 1e6 / len(calls)
+
+    batch(), per_call()
+    return batch, per_call
+
+
+def interleaved(cases: dict, repeats, label) -> dict:
+    """Run every case once per round, `repeats` rounds; {name: [values]}."""
+    values = {name: [] for name in cases}
+    for r in range(repeats):
+        print(f"[bench] {label}: round {r + 1}/{repeats}", flush=True)
+        for name, once in cases.items():
+            values[name].append(once())
+    return values
+
+
+def calls_section(builds, model_path, pre_path, out_dir, sizes: Sizes, seed, symbol) -> tuple:
+    import keras
+
+    from effgen.preprocess import load_preprocessing
+
+    out_dir = Path(out_dir)
+    x = raw_features(max(sizes.rows, sizes.tf_batch), seed + 1)
+    inputs = out_dir / "inputs.f32"
+    with atomic_file(inputs) as f:
+        f.write(x[:sizes.rows].tobytes())
+    exe = build_harness(out_dir)
+    cases, notes = {}, {}
+    for backend in ("scikinc", "effgen"):
+        for mode, label in (("call", "per call"), ("batch", "batched")):
+            name = f"{backend} C library, {label}"
+            cases[name] = harness_case(exe, builds[backend]["so"], symbol, inputs, sizes.rows, mode)
+            notes[name] = (f"c_harness/timing.c, {sizes.rows:,} particles, "
+                           + ("one call per particle" if mode == "call" else f"one {symbol}_batch call"))
+
+    model = keras.models.load_model(model_path, compile=False)
+    ct = load_preprocessing(pre_path)
+    net, full, x_pre = tf_cases(model, ct, x[:sizes.tf_batch])
+    b = f"batch of {sizes.tf_batch:,}"
+    cases["TensorFlow predict, network only"] = net
+    notes["TensorFlow predict, network only"] = f"model.predict on a {b}, preprocessing EXCLUDED"
+    cases["TensorFlow predict, with preprocessing"] = full
+    notes["TensorFlow predict, with preprocessing"] = f"sklearn transform + model.predict, {b}"
+    failures = {}
+    try:
+        session, how = onnx_session(model)
+        ort_batch, ort_call = ort_cases(session, x_pre, min(sizes.ort_call_rows, len(x_pre)))
+        cases["ONNX Runtime, batched"] = ort_batch
+        notes["ONNX Runtime, batched"] = f"{how}; one run on a {b}, preprocessing excluded"
+        cases["ONNX Runtime, batch 1 per call"] = ort_call
+        notes["ONNX Runtime, batch 1 per call"] = (
+            f"Python loop of session.run over {min(sizes.ort_call_rows, len(x_pre)):,} rows, "
+            "preprocessing excluded")
+    except Exception as err:  # reported in the table, not hidden
+        failures["ONNX Runtime"] = f"conversion or session failed: {type(err).__name__}: {err}"
+    values = interleaved(cases, sizes.repeats, "calls")
+    rows = [row(name, "us/particle", v, notes[name]) for name, v in values.items()]
+    return add_ratios(rows, "scikinc C library, per call", higher_is_better=False), failures
+
+
+# ---- Lamarr --------------------------------------------------------------------------
+class PluginRun:
+    """One library's Plugin step on its own database file, loaded once and executed
+    again each round (the Plugin replaces its output table)."""
+
+    def __init__(self, db_path, hepmc_files, library, symbol, outputs, seed):
+        import SQLamarr
+
+        from effgen import lamarr
+
+        self.db_path = Path(db_path)
+        with contextlib.suppress(FileNotFoundError):
+            self.db_path.unlink()
+        self.db = SQLamarr.SQLite3DB(str(self.db_path)).seed(int(seed))
+        loader = SQLamarr.HepMC2DataLoader(self.db)
+        for run, path in enumerate(hepmc_files):
+            loader.load(str(path), 0, run)
+        del loader
+        SQLamarr.Pipeline([SQLamarr.PVFinder(self.db), SQLamarr.MCParticleSelector(self.db)]).execute()
+        self.plugin = SQLamarr.Plugin(self.db, str(library), symbol, lamarr.EFFICIENCY_QUERY,
+                                      lamarr.EFFICIENCY_TABLE, list(outputs), ["mcparticle_id"])
+        self.pipeline = SQLamarr.Pipeline([self.plugin])
+        self.count = SQLamarr.Pipeline([SQLamarr.TemporaryTable(
+            self.db, "bench_count", ["n"], f"SELECT count(*) AS n FROM {lamarr.EFFICIENCY_TABLE}", True)])
+
+    def seconds(self):
+        t0 = time.perf_counter()
+        self.pipeline.execute()
+        return time.perf_counter() - t0
+
+    def release(self):
+        """Finalize the SQLamarr objects before the database (closes the connection)."""
+        for name in ("count", "pipeline", "plugin", "db"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def close(self) -> int:
+        """Number of rows the last execution produced (checked against the selection)."""
+        self.count.execute()
+        self.release()
+        with contextlib.closing(sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)) as con:
+            return int(con.execute("SELECT n FROM bench_count").fetchone()[0])
+
+
+def lamarr_section(builds, out_dir, sizes: Sizes, seed, symbol) -> list:
+    from effgen import lamarr
+
+    out_dir = Path(out_dir)
+    x = raw_features(sizes.rows, seed + 2)
+    n_sel = int(lamarr.selected(x).sum())
+    with contextlib.ExitStack() as stack:
+        hepmc = lamarr.write_hepmc2_files(out_dir / "hepmc", x)
+        echo = lamarr.build_echo_library(out_dir / "lamarr_echo.so")
+        libs = {f"{b} library": (builds[b]["so"], symbol, schema.OUTPUTS) for b in ("scikinc", "effgen")}
+        libs["echo library (Plugin overhead)"] = (echo, "echo", [f"in_{i}" for i in range(12)])
+        runs = {}
+        for i, (name, (so, sym, outputs)) in enumerate(libs.items()):
+            runs[name] = PluginRun(out_dir / f"lamarr-{i}.db", hepmc, so, sym, outputs, seed)
+        stack.callback(lambda: [r.release() for r in runs.values()])
+        for r in runs.values():  # warm-up: page cache, dlopen, statement preparation
+            r.seconds()
+        values = interleaved({n: (lambda r=r: n_sel / r.seconds()) for n, r in runs.items()},
+                             sizes.repeats, "lamarr")
+        counts = {}
+        for n, r in runs.items():
+            counts[n] = r.close()
+    for name, c in counts.items():
+        if c != n_sel:
+            raise RuntimeError(f"Lamarr Plugin with the {name} produced {c} rows, expected {n_sel}")
+    notes = {n: f"{n_sel:,} selected particles, SQLamarr Plugin with Lamarr's efficiency query"
+             for n in runs}
+    notes["echo library (Plugin overhead)"] = "copies 12 inputs to 12 outputs: query + insert cost alone"
+    rows = [row(n, "particles/s", v, notes[n]) for n, v in values.items()]
+    return add_ratios(rows, "scikinc library", higher_is_better=True)
+
+
+# ---- reader --------------------------------------------------------------------------
+def reader_section(out_dir, sizes: Sizes, seed) -> list:
+    from effgen import bench_data
+
+    train = bench_data.ensure_dataset(Path(out_dir), sizes.reader_sample_rows, seed)
+    results = bench_data.bench_reader(train, batch_size=sizes.reader_batch, repeats=sizes.repeats,
+                                      original_max_rows=sizes.reader_original_rows)
+    rows = [row(r["reader"], "rows/s", r["runs_rows_per_s"],
+                f"{r['rows']:,} rows per pass, batch {r['batch_size']:,}") for r in results]
+    return add_ratios(rows, results[-1]["reader"], higher_is_better=True)
+
+
+# ---- the run -------------------------------------------------------------------------
+SECTION_TITLES = {
+    "codegen": ("Code generation and compile", "effgen / scikinc (same step)"),
+    "calls": ("Microseconds per particle", "speed-up over the scikinc library per call (higher is faster)"),
+    "lamarr": ("Lamarr: SQLamarr efficiency Plugin step", "speed-up over the scikinc library (higher is faster)"),
+    "reader": ("Training-data reader", "speed-up over the original design (higher is faster)"),
+}
+
+
+def run_bench(*, output_dir, sections=SECTIONS, sizes: Sizes = DEFAULT, model_path=None,
+              preprocessing_path=None, seed=1, symbol="efficiency", cpu=None) -> dict:
+    """Run the selected sections; return the report (see write_report)."""
+    output_dir = Path(output_dir)
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad or not sections:
+        raise ValueError(f"unknown sections {bad}; choose from {', '.join(SECTIONS)}")
+    started = time.time()
+    pinned, previous = pin_to_one_cpu(cpu)
+    load_start = os.getloadavg()
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        if "lamarr" in sections:
+            load_sqlamarr_before_tensorflow()
+        tf_threads = configure_tensorflow() if set(sections) & {"codegen", "calls", "lamarr"} else "unused"
+        report = {"meta": {}, "sections": {}, "failures": {}}
+        need_libs = [s for s in sections if s in ("codegen", "calls", "lamarr")]
+        if need_libs:
+            work = output_dir / "work"
+            if model_path is None:
+                print("[bench] model: synthetic (no trained model given)", flush=True)
+                model_path, preprocessing_path, model_desc = synthetic_model(work / "model", sizes, seed)
+            else:
+                model_desc = f"trained {model_path} + {preprocessing_path}"
+            report["meta"]["model"] = model_desc
+            builds = {}
+            for b in BACKENDS:
+                print(f"[bench] codegen: export + compile {b} x{sizes.build_repeats}", flush=True)
+                builds[b] = build_backend(b, model_path, preprocessing_path, work / "libs", symbol,
+                                          sizes.build_repeats)
+            if "codegen" in sections:
+                report["sections"]["codegen"] = codegen_rows(builds)
+            if "calls" in sections:
+                print("[bench] calls: per-particle timings", flush=True)
+                rows, failures = calls_section(builds, model_path, preprocessing_path, work / "calls",
+                                               sizes, seed, symbol)
+                report["sections"]["calls"] = rows
+                report["failures"].update(failures)
+            if "lamarr" in sections:
+                print("[bench] lamarr: SQLamarr Plugin step", flush=True)
+                report["sections"]["lamarr"] = lamarr_section(builds, work / "lamarr", sizes, seed, symbol)
+        if "reader" in sections:
+            print("[bench] reader: FeatherReader vs the original design", flush=True)
+            report["sections"]["reader"] = reader_section(output_dir / "data", sizes, seed)
+    finally:
+        if previous is not None:
+            os.sched_setaffinity(0, previous)
+    report["meta"].update(
+        machine_info(), pinned_cpu=pinned, allowed_cpus=sorted(previous) if previous else None,
+        tensorflow=tf_threads, onnxruntime="1 intra-op / 1 inter-op thread",
+        load_average_start=list(load_start), load_average_end=list(os.getloadavg()),
+        sizes=asdict(sizes), seed=seed, seconds=time.time() - started,
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    return report
+
+
+def _fmt(value, unit):
+    if unit == "particles/s" or unit == "rows/s":
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+
+
+def render_markdown(report) -> str:
+    m = report["meta"]
+    lines = ["# effgen bench", ""]
+    if "model" in m:
+        lines.append(f"- Model: {m['model']}")
+    lines += [
+        f"- Machine: {m['cpu_model']}, {m['cpus']} CPUs; pinned to CPU {m['pinned_cpu']} "
+        f"(allowed {m['allowed_cpus']}); gcc {m['gcc']}; Python {m['python']}",
+        f"- TensorFlow: {m['tensorflow']}; ONNX Runtime: {m['onnxruntime']}",
+        f"- Load average (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in m['load_average_start'])}, "
+        f"at end {', '.join(f'{v:.2f}' for v in m['load_average_end'])}: the machine is shared, so "
+        f"read the ratios (measured in the same run, cases interleaved) rather than absolute values",
+        f"- Every value: median of {m['sizes']['repeats']} repeats ({m['sizes']['build_repeats']} for "
+        f"export/compile); spread = min-max (quartiles in bench.json); run took {m['seconds']:.0f} s, {m['date']}",
+        "",
+    ]
+    for key, rows in report["sections"].items():
+        title, ratio = SECTION_TITLES[key]
+        lines += [f"## {title}", "", f"ratio: {ratio}", "",
+                  "| case | median | min - max | unit | ratio | notes |",
+                  "|---|---:|---:|---|---:|---|"]
+        for r in rows:
+            lines.append(f"| {r['name']} | {_fmt(r['median'], r['unit'])} | {_fmt(r['min'], r['unit'])} - "
+                         f"{_fmt(r['max'], r['unit'])} | {r['unit']} | {r['ratio']:.2f} | {r['note']} |")
+        lines.append("")
+    for name, why in report["failures"].items():
+        lines.append(f"- NOT MEASURED: {name}: {why}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(report, output_dir) -> tuple:
+    output_dir = Path(output_dir)
+    md = render_markdown(report)
+    with atomic_file(output_dir / "bench.json", "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    with atomic_file(output_dir / "bench.md", "w") as f:
+        f.write(md)
+    return output_dir / "bench.md", output_dir / "bench.json", md
+
+
+# ---- CLI -----------------------------------------------------------------------------
+def register(subparsers):
+    from effgen.config import default_paths
+
+    p = subparsers.add_parser("bench", help="benchmark code generation, the C libraries, TF/ORT, "
+                              "Lamarr and the reader in one run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, numbers meaningless)")
+    p.add_argument("--repeats", type=int, help=f"repeats per case (default {DEFAULT.repeats})")
+    p.add_argument("--rows", type=int, help=f"particles per C-harness run and through Lamarr "
+                   f"(default {DEFAULT.rows:,})")
+    p.add_argument("--output-dir", type=Path, default=default_paths()["bench"])
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--model", type=Path, help="model.keras (default: the trained model if present)")
+    p.add_argument("--preprocessing", type=Path, help="tX.pkl (default: beside the trained model)")
+    p.add_argument("--synthetic-model", action="store_true",
+                   help="use the seed architecture with random weights even if a trained model exists")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--cpu", type=int, help="CPU to pin to (default: the highest allowed)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from effgen.config import default_paths
+
+    sizes = QUICK if args.quick else DEFAULT
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise SystemExit(f"effgen bench: --repeats must be >= 1, got {args.repeats}")
+        sizes = replace(sizes, repeats=args.repeats, build_repeats=min(sizes.build_repeats, args.repeats))
+    if args.rows is not None:
+        if args.rows < 1:
+            raise SystemExit(f"effgen bench: --rows must be >= 1, got {args.rows}")
+        sizes = replace(sizes, rows=args.rows)
+    model, pre = args.model, args.preprocessing
+    if args.synthetic_model:
+        if model or pre:
+            raise SystemExit("effgen bench: --synthetic-model excludes --model/--preprocessing")
+    elif model or pre:
+        model = model or default_paths()["model"]
+        pre = pre or model.with_name("tX.pkl")
+        for path in (model, pre):
+            if not path.is_file():
+                raise SystemExit(f"effgen bench: {path} does not exist")
+    else:
+        paths = default_paths()
+        if paths["model"].is_file() and paths["preprocessing"].is_file():
+            model, pre = paths["model"], paths["preprocessing"]
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise SystemExit(f"effgen bench: --sections {args.sections!r}: choose from {','.join(SECTIONS)}")
+    report = run_bench(output_dir=args.output_dir, sections=sections, sizes=sizes,
+                       model_path=model, preprocessing_path=pre, seed=args.seed, cpu=args.cpu)
+    md_path, json_path, md = write_report(report, args.output_dir)
+    print(md)
+    print(f"[bench] wrote {md_path} and {json_path}", flush=True)
+    return 0

@@ -1,0 +1,54 @@
+"""Smoke test of `effgen bench` at tiny sizes, so the benchmark cannot rot.
+
+It checks that every row of the table is there with positive finite numbers; it never
+checks speed (the machine is shared)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+EXPECTED_ROWS = {
+    "codegen": ["effgen: export", "scikinc: export", "effgen: compile", "scikinc: compile",
+                "effgen: .so size", "scikinc: .so size"],
+    "calls": ["scikinc C library, per call", "scikinc C library, batched",
+              "effgen C library, per call", "effgen C library, batched",
+              "TensorFlow predict, network only", "TensorFlow predict, with preprocessing",
+              "ONNX Runtime, batched", "ONNX Runtime, batch 1 per call"],
+    "lamarr": ["scikinc library", "effgen library", "echo library (Plugin overhead)"],
+    "reader": ["effgen as_tf_dataset().batch", "tf blocks .unbatch().batch",
+               "original from_generator per row"],
+}
+
+
+def test_quick_bench_writes_every_row_with_positive_finite_numbers(tmp_path):
+    out = tmp_path / "bench"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", EFFGEN_WORKDIR=str(tmp_path / "work"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "effgen", "bench", "--quick", "--synthetic-model", "--repeats", "2",
+         "--output-dir", str(out)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for section in ("codegen", "calls", "lamarr", "reader"):
+        assert f"[bench] {section}" in proc.stdout  # a progress line per section
+
+    report = json.loads((out / "bench.json").read_text())
+    assert report["failures"] == {}
+    assert "RANDOM weights" in report["meta"]["model"]
+    assert report["meta"]["pinned_cpu"] in report["meta"]["allowed_cpus"]
+    assert set(report["sections"]) == set(EXPECTED_ROWS)
+    markdown = (out / "bench.md").read_text()
+    for section, names in EXPECTED_ROWS.items():
+        rows = {r["name"]: r for r in report["sections"][section]}
+        assert sorted(rows) == sorted(names), section
+        for name, r in rows.items():
+            values = [r["median"], r["min"], r["max"], r["q1"], r["q3"], r["ratio"], *r["runs"]]
+            assert all(math.isfinite(v) and v > 0 for v in values), (section, name, r)
+            assert r["min"] <= r["median"] <= r["max"]
+            if section in ("calls", "lamarr", "reader"):
+                assert len(r["runs"]) == 2, (section, name)
+            assert f"| {name} |" in markdown
+    # each section's baseline row is its own reference
+    assert {r["name"]: r["ratio"] for r in report["sections"]["calls"]}["scikinc C library, per call"] == 1
+    assert "bench.md" in proc.stdout and "| effgen C library, per call |" in proc.stdout
