@@ -144,3 +144,45 @@ def test_kinematics_reproduce_the_features(sample_rows):
     pt = np.hypot(k["px"], k["py"])
     eta = -np.log(np.tan(0.5 * np.arctan2(pt, k["pz"])))
     np.testing.assert_allclose(eta, raw[:1000, 6], rtol=0, atol=2e-5)
+
+
+# ---- the project's own library -------------------------------------------------------
+@pytest.fixture(scope="module")
+def project_library(tiny_dataset, tmp_path_factory):
+    """A tiny seed-architecture model (random weights), exported and compiled as
+    `make lamarr-lib` does."""
+    from effgen.compile import compile_shared
+    from effgen.export import export
+    from effgen.model import build_model
+
+    d = tmp_path_factory.mktemp("project_lib")
+    build_model(width=12, n_blocks=2, seed=11).save(d / "model.keras")
+    paths = export(d / "model.keras", tiny_dataset["preprocessing"], d, backend="effgen")
+    return compile_shared(paths["source"], d / "efficiency.so"), d / "model.keras"
+
+
+def test_project_library_inside_lamarr(project_library, tiny_dataset, sample_rows, tmp_path):
+    from effgen.compile import Library
+    from effgen.preprocess import load_preprocessing
+
+    so, model = project_library
+    raw, pid = sample_rows
+    frame = lamarr.run_lamarr_efficiency(so, raw, tmp_path / "lamarr.db", pid=pid, seed=3,
+                                         threads=2, work_dir=tmp_path / "w")
+    # Every particle (all charged, pz > 0) went through; no step aborted.
+    np.testing.assert_array_equal(frame["row"].to_numpy(), np.arange(len(raw)))
+    feats = frame[schema.FEATURES].to_numpy()      # what SQLamarr passed, float32
+    probs = frame[schema.OUTPUTS].to_numpy()       # what the library answered
+    np.testing.assert_allclose(feats, raw, rtol=1e-6, atol=1e-6)
+
+    # The same library called directly on the same float32 inputs: identical values.
+    np.testing.assert_array_equal(Library(so).per_call(feats), probs)
+    # TensorFlow on the same inputs: within the effgen tolerance.
+    tf_probs, _ = parity.tf_reference(model, load_preprocessing(tiny_dataset["preprocessing"]), feats)
+    assert np.abs(probs.astype(np.float64) - tf_probs).max() <= parity.TOLERANCES["effgen"]["function"]
+
+    # Lamarr's draws (its own ranlux48 uniforms) follow TF's probabilities.
+    types = frame["track_type"].to_numpy()
+    assert set(np.unique(types)) <= {0, 3, 4, 5}
+    dist = parity.draw_distribution(types, tf_probs, feats[:, schema.FEATURES.index("mc_log10_p")])
+    assert dist["passed"], dist

@@ -145,3 +145,52 @@ def test_sanitizer_build_catches_an_out_of_bounds_read(tiny_model, tiny_dataset,
     san = report["targets"]["sanitize"]
     assert "values" not in san and "AddressSanitizer" in san["failures"][0]
     assert "heap-buffer-overflow" in san["failures"][0]
+
+
+def _export_library(model, preprocessing, out_dir, backend):
+    from effgen.compile import check_library, compile_shared
+    from effgen.export import export
+
+    paths = export(model, preprocessing, out_dir, backend=backend)
+    so = compile_shared(paths["source"], out_dir / "efficiency.so")
+    check_library(so, "efficiency")
+    return so, paths["source"]
+
+
+def test_exported_library_matches_tensorflow(tiny_model, tiny_dataset, raw_rows, tmp_path):
+    so, source = _export_library(tiny_model, tiny_dataset["preprocessing"], tmp_path / "lib", "effgen")
+    report = parity.run_parity(model_path=tiny_model, preprocessing_path=tiny_dataset["preprocessing"],
+                               raw=raw_rows, library=so, source=source, rows=20_000, draws=200_000,
+                               variants=("production", "portable", "sanitize"), sanitize_rows=2000,
+                               output_dir=tmp_path / "out", progress=False)
+    assert report["passed"], report["failures"]
+    assert report["backend"] == "effgen" and report["network_function"]
+    for name in ("abi", "production", "portable", "sanitize"):
+        t = report["targets"][name]
+        assert t["rows"] == (2000 if name == "sanitize" else 20_000)
+        for how in ("per_row", "batch"):
+            assert t["values"][how]["max"] <= 1e-5 and t["values"][how]["nan_rows"] == 0
+        assert t["draws_identical_uniforms"]["unexplained"] == 0
+        assert t["draws_identical_uniforms"]["self_disagreements"] == 0
+        if name != "abi":
+            assert t["values"]["network"]["max"] <= 1e-5
+    dist = report["draw_distribution"]
+    assert dist["n_draws"] == 200_000 and dist["target"] == "abi"
+    assert dist["min_p_value"] >= parity.P_VALUE_MIN
+    # The outputs a user reads.
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk["passed"] and on_disk["rows"] == 20_000
+    assert (tmp_path / "out" / "differences.png").stat().st_size > 1000
+    assert "PASSED" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_scikinc_library_meets_its_stated_tolerance(tiny_model, tiny_dataset, raw_rows, tmp_path):
+    so, source = _export_library(tiny_model, tiny_dataset["preprocessing"], tmp_path / "lib", "scikinc")
+    report = parity.run_parity(model_path=tiny_model, preprocessing_path=tiny_dataset["preprocessing"],
+                               raw=raw_rows, library=so, source=source, rows=5000, draws=0,
+                               variants=("production",), output_dir=tmp_path / "out", progress=False)
+    assert report["backend"] == "scikinc"
+    assert report["passed"], report["failures"]
+    worst = report["targets"]["abi"]["values"]["per_row"]["max"]
+    # Looser than effgen's 1e-5 (scikinC's approximate quantile transform) but bounded.
+    assert 1e-5 < worst <= parity.TOLERANCES["scikinc"]["function"]
