@@ -134,6 +134,7 @@ def test_deterministic_for_a_seed(small_sample, tmp_path):
         assert not np.array_equal(ta["row_id"], FeatherReader(c[split]).as_pandas()["row_id"])
 
 
+@pytest.mark.filterwarnings("ignore:n_quantiles")  # 1000 quantiles > 500 rows, expected here
 def test_max_fit_rows(small_sample, tmp_path):
     out = _run(small_sample, tmp_path, max_fit_rows=500)
     ct = preprocess.load_preprocessing(out["preprocessing"])
