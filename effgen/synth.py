@@ -9,7 +9,6 @@ Rows are produced in fixed blocks of BLOCK_ROWS, block i seeded with the i-th ch
 SeedSequence(seed), so the output depends only on (n, seed), never on chunk_size.
 """
 
-import argparse
 import math
 from pathlib import Path
 
