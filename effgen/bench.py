@@ -46,21 +46,24 @@ HARNESS = Path(__file__).resolve().parent.parent / "c_harness" / "timing.c"
 @dataclass(frozen=True)
 class Sizes:
     repeats: int = 5
-    build_repeats: int = 3        # export + compile are seconds each: fewer repeats
-    rows: int = 10_000            # particles per C-harness run and through Lamarr
+    build_repeats: int = 3        # export + compile take seconds each: fewer repeats
+    reader_repeats: int = 3       # the original reader takes seconds per pass
+    rows: int = 5_000             # particles per C-harness run and through Lamarr
     tf_batch: int = 10_000
     ort_call_rows: int = 2_000    # Python-loop calls of ORT with batch 1
     reader_sample_rows: int = 1_000_000  # sample size; the reader reads its train split
     reader_batch: int = 100_000
-    reader_original_rows: int = 100_000  # rows per pass of the slow original reader
+    # Rows per pass of the slow original reader; a pass ends at the first batch that
+    # reaches it, so below reader_batch it is one batch anyway.
+    reader_original_rows: int = 100_000
     width: int = 128              # synthetic model (seed architecture by default)
     blocks: int = 5
     fit_rows: int = 20_000        # synthetic rows the synthetic model's preprocessing sees
 
 
 DEFAULT = Sizes()
-QUICK = Sizes(repeats=2, build_repeats=1, rows=300, tf_batch=500, ort_call_rows=100,
-              reader_sample_rows=4_000, reader_batch=500, reader_original_rows=1_000,
+QUICK = Sizes(repeats=2, build_repeats=1, reader_repeats=2, rows=300, tf_batch=500,
+              ort_call_rows=100, reader_sample_rows=4_000, reader_batch=500, reader_original_rows=1_000,
               width=16, blocks=1, fit_rows=2_000)
 
 
@@ -438,7 +441,7 @@ def reader_section(out_dir, sizes: Sizes, seed) -> list:
     from effgen import bench_data
 
     train = bench_data.ensure_dataset(Path(out_dir), sizes.reader_sample_rows, seed)
-    results = bench_data.bench_reader(train, batch_size=sizes.reader_batch, repeats=sizes.repeats,
+    results = bench_data.bench_reader(train, batch_size=sizes.reader_batch, repeats=sizes.reader_repeats,
                                       original_max_rows=sizes.reader_original_rows)
     rows = [row(r["reader"], "rows/s", r["runs_rows_per_s"],
                 f"{r['rows']:,} rows per pass, batch {r['batch_size']:,}") for r in results]
@@ -531,7 +534,8 @@ def render_markdown(report) -> str:
         f"at end {', '.join(f'{v:.2f}' for v in m['load_average_end'])}: the machine is shared, so "
         f"read the ratios (measured in the same run, cases interleaved) rather than absolute values",
         f"- Every value: median of {m['sizes']['repeats']} repeats ({m['sizes']['build_repeats']} for "
-        f"export/compile); spread = min-max (quartiles in bench.json); run took {m['seconds']:.0f} s, {m['date']}",
+        f"export/compile, {m['sizes']['reader_repeats']} for the reader); spread = min-max "
+        f"(quartiles in bench.json); run took {m['seconds']:.0f} s, {m['date']}",
         "",
     ]
     for key, rows in report["sections"].items():
@@ -587,7 +591,8 @@ def _main(args) -> int:
     if args.repeats is not None:
         if args.repeats < 1:
             raise SystemExit(f"effgen bench: --repeats must be >= 1, got {args.repeats}")
-        sizes = replace(sizes, repeats=args.repeats, build_repeats=min(sizes.build_repeats, args.repeats))
+        sizes = replace(sizes, repeats=args.repeats, build_repeats=min(sizes.build_repeats, args.repeats),
+                        reader_repeats=min(sizes.reader_repeats, args.repeats))
     if args.rows is not None:
         if args.rows < 1:
             raise SystemExit(f"effgen bench: --rows must be >= 1, got {args.rows}")
