@@ -378,10 +378,6 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
-    import keras
-    import tensorflow as tf
-
-    from effgen.model import build_model
     from effgen.reader import FeatherReader
 
     train_reader, val_reader = FeatherReader(train_dir), FeatherReader(validation_dir)
@@ -400,6 +396,11 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
                                                      "steps_per_epoch", "seed")},
                    "train": _data_fingerprint(train_reader),
                    "validation": _data_fingerprint(val_reader)}
+
+    import keras
+    import tensorflow as tf
+
+    from effgen.model import build_model
 
     run = RunDir(checkpoint_dir(output_model), fingerprint)
     if resume:
@@ -426,9 +427,14 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
         return build_model(config["n_features"], config["n_classes"], width, blocks, seed=seed)
 
     limits = (float(pre_limit_s), float(ft_limit_s))
-    model = run_phases(build, make_train_data, validation_data, run,
-                       steps_per_epoch=steps_per_epoch, max_epochs=max_epochs, limits=limits,
-                       verbose=verbose)
+    try:
+        model = run_phases(build, make_train_data, validation_data, run,
+                           steps_per_epoch=steps_per_epoch, max_epochs=max_epochs,
+                           limits=limits, verbose=verbose)
+    except BaseException:
+        print(f"effgen train: stopped early; the epochs done so far are kept in {run.path}: "
+              "run again with --resume to continue", file=sys.stderr, flush=True)
+        raise
 
     history = make_history(run, limits, max_epochs, config, model.count_params())
     history["features"] = list(train_reader.features)
@@ -480,8 +486,15 @@ def register(subparsers):
 
 
 def _main(args):
+    try:
+        _run_cli(args)
+    except (FileNotFoundError, ValueError) as err:  # DataError is a ValueError
+        raise SystemExit(f"effgen train: {err}")
+    return 0
+
+
+def _run_cli(args):
     train(args.train_data, args.validation_data, args.output, batch_size=args.batch_size,
           steps_per_epoch=args.steps_per_epoch, max_epochs=args.max_epochs,
           pre_limit_s=args.pre_limit, ft_limit_s=args.ft_limit, width=args.width,
           blocks=args.blocks, seed=args.seed, resume=args.resume)
-    return 0

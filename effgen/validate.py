@@ -245,7 +245,8 @@ th{background:#eee}img{max-width:100%}</style></head><body>
 <tr><th>{{ sp }}</th><td>{{ "{:,}".format(e.n) }}</td><td>{{ key.replace("_", " ") }}</td>{% for v in e[key] %}<td>{{ "{:,.1f}".format(v) }}</td>{% endfor %}</tr>
 {% endfor %}{% endfor %}</table>
 <p>Probability sums: max |&Sigma;p &minus; 1| = {{ fmt(m.probability_sum_max_abs_error) }};
-rows whose float32 p<sub>0</sub>+p<sub>1</sub>+p<sub>2</sub> exceeds 1 (would abort a Lamarr step): {{ m.rows_first3_sum_above_1_float32 }}.</p>
+rows whose float32 p<sub>0</sub>+p<sub>1</sub>+p<sub>2</sub> exceeds 1 (would abort a Lamarr step): {{ m.rows_first3_sum_above_1_float32 }}.
+{% if "preprocessing_max_abs_diff" in m %}Pickled preprocessing vs stored features: max |tX(raw) &minus; feature| = {{ fmt(m.preprocessing_max_abs_diff) }}.{% endif %}</p>
 {% for title, uri in images %}<h2>{{ title }}</h2><img src="{{ uri }}" alt="{{ title }}">
 {% endfor %}</body></html>
 """
@@ -290,7 +291,9 @@ def _check_preprocessing(preprocessing_path, raw, features):
 def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing_path=None,
              batch_size=65536) -> dict:
     """Score `model_path` on up to `max_rows` rows of the shards in `data_dir`; write the
-    plots, report.html and metrics.json into `output_dir`; return the metrics."""
+    plots, report.html and metrics.json into `output_dir`; return the metrics. With
+    `preprocessing_path`, also check that the pickled transformer maps the raw columns
+    onto the stored features."""
     import keras
 
     from effgen.reader import FeatherReader
@@ -316,6 +319,8 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
     labels = frame[list(reader.labels)].to_numpy(np.float32)
     truth = frame[truth_cols].to_numpy(np.float64) if truth_cols else None
     raw = {c: frame[c].to_numpy() for c in raw_cols}
+    preprocessing_diff = None if preprocessing_path is None else _check_preprocessing(
+        preprocessing_path, raw, features.astype(np.float64))
 
     model = keras.models.load_model(model_path)
     pred = np.asarray(model.predict(features, batch_size=batch_size, verbose=0))
@@ -327,9 +332,8 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
                               species_masks({c: raw[f"raw_{c}"] for c in SPECIES.values()}))
     metrics.update(model=str(model_path), data=str(data_dir),
                    momentum_edges_gev=MOMENTUM_EDGES_GEV)
-    if preprocessing_path is not None and Path(preprocessing_path).exists():
-        metrics["preprocessing_max_abs_diff"] = _check_preprocessing(
-            preprocessing_path, raw, features.astype(np.float64))
+    if preprocessing_diff is not None:
+        metrics["preprocessing_max_abs_diff"] = preprocessing_diff
 
     output_dir.mkdir(parents=True, exist_ok=True)
     log10_p = raw["raw_mc_log10_p"].astype(np.float64)
@@ -364,8 +368,9 @@ def register(subparsers):
     p = subparsers.add_parser("validate", help="validate the trained model (report.html)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=paths["model"], help="default %(default)s")
-    p.add_argument("--preprocessing", type=Path, default=paths["preprocessing"],
-                   help="pickled transformer, checked against the shards (default %(default)s)")
+    p.add_argument("--preprocessing", type=Path, default=None,
+                   help="pickled transformer, checked against the shards' raw columns "
+                        f"(default {paths['preprocessing']} if it exists)")
     p.add_argument("--data", type=Path, default=paths["validation"],
                    help="shard directory with raw_*, mc_pid and truth_* extras (default %(default)s)")
     p.add_argument("--output-dir", type=Path, default=paths["validation_report"],
@@ -375,8 +380,16 @@ def register(subparsers):
 
 
 def _main(args):
-    m = validate(args.model, args.data, args.output_dir, max_rows=args.max_rows,
-                 preprocessing_path=args.preprocessing)
+    from effgen.config import default_paths
+
+    preprocessing = args.preprocessing
+    if preprocessing is None and default_paths()["preprocessing"].exists():
+        preprocessing = default_paths()["preprocessing"]
+    try:
+        m = validate(args.model, args.data, args.output_dir, max_rows=args.max_rows,
+                     preprocessing_path=preprocessing)
+    except (FileNotFoundError, ValueError) as err:  # DataError, PreprocessingError too
+        raise SystemExit(f"effgen validate: {err}")
     ll = m["log_loss"]
     print(f"effgen validate: {m['n_rows']:,} rows; log-loss model {ll['model']:.5f}, "
           f"truth {ll.get('truth', float('nan')):.5f}, prior {ll['prior']:.5f}; "

@@ -114,6 +114,7 @@ def test_validate_writes_a_self_contained_report(trained, tiny_dataset, tmp_path
     assert not re.search(r'src="(?!data:)', html)  # nothing refers to outside files
     for name in schema.LABELS:
         assert name in html
+    assert "max |tX(raw)" in html
 
     ll = metrics["log_loss"]
     assert all(np.isfinite(v) for v in ll.values())
@@ -130,6 +131,12 @@ def test_validate_writes_a_self_contained_report(trained, tiny_dataset, tmp_path
     assert metrics["preprocessing_max_abs_diff"] < 1e-4
 
 
-def test_validate_names_a_missing_model(tiny_dataset, tmp_path):
+def test_validate_names_a_missing_model_or_preprocessing(trained, tiny_dataset, tmp_path):
+    from effgen.preprocess import PreprocessingError
+
     with pytest.raises(FileNotFoundError, match="nope.keras"):
         validate(tmp_path / "nope.keras", tiny_dataset["validation"], tmp_path / "v")
+    with pytest.raises(PreprocessingError, match="nope.pkl"):
+        validate(trained, tiny_dataset["validation"], tmp_path / "v", max_rows=100,
+                 preprocessing_path=tmp_path / "nope.pkl")
+    assert not (tmp_path / "v" / "report.html").exists()
