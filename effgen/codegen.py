@@ -18,19 +18,21 @@ from effgen.abi import render_abi, template_env
 from effgen.graph import Chain, Dense, Residual, Softmax
 from effgen.preprocessing_ir import PreprocessingIR
 
-# Column block of a one-row dense layer: 64 floats = 8 AVX2 accumulators.
-ROW_BLOCK = 64
-# Rows per tile in the batch path, and the column block used there.
-TILE_ROWS = 4
-TILE_BLOCK = 24
 TANH_IMPLS = ("fast", "libm")
 
-# Code paths: name, function attribute, multiply-add (fmaf is one instruction with FMA).
+# Code paths, each with its register geometry: `row_block` columns per block of the
+# one-row kernel (8 vector accumulators), and the batch tile of `tile_rows` rows x
+# `tile_block` columns (12-16 accumulators), so that each weight load serves a whole
+# tile. `madd` is the multiply-add (fmaf is one instruction where FMA is enabled).
 VARIANTS = (
-    {"name": "portable", "attr": "", "madd": "EFFGEN_MADD"},
-    {"name": "avx2", "attr": "EFFGEN_TARGET_AVX2 ", "madd": "fmaf"},
+    {"name": "portable", "attr": "", "madd": "EFFGEN_MADD", "guard": "EFFGEN_PATH_PORTABLE",
+     "row_block": 32, "tile_rows": 4, "tile_block": 12},
+    {"name": "avx2", "attr": "EFFGEN_TARGET_AVX2 ", "madd": "fmaf", "guard": "EFFGEN_PATH_AVX2",
+     "row_block": 64, "tile_rows": 4, "tile_block": 24},
+    {"name": "avx512", "attr": "EFFGEN_TARGET_AVX512 ", "madd": "fmaf", "guard": "EFFGEN_PATH_AVX512",
+     "row_block": 128, "tile_rows": 8, "tile_block": 32},
 )
-ISA_VARIANTS = ("baseline", "avx2+fma")
+ISA_VARIANTS = ("baseline", "avx2+fma", "avx512f")
 
 
 def c_float(v) -> str:
@@ -67,11 +69,10 @@ class _Layer:
     activation: str
     weights: str
     bias: str
-    blocks: list        # (start, width) column blocks of the one-row kernel
-    tile_blocks: list   # (start, width) column blocks of the tiled kernel
 
 
-def _blocks(n, width):
+def blocks(n, width):
+    """(start, width) column blocks covering n columns."""
     return [(s, min(width, n - s)) for s in range(0, n, width)]
 
 
@@ -88,8 +89,7 @@ def _layers(chain: Chain):
         layers.append(_Layer(
             index=len(layers), kind="residual" if isinstance(op, Residual) else "dense",
             n_in=dense.n_in, n_out=dense.n_out, activation=dense.activation,
-            weights=c_array(dense.kernel, c_float), bias=c_array(dense.bias, c_float),
-            blocks=_blocks(dense.n_out, ROW_BLOCK), tile_blocks=_blocks(dense.n_out, TILE_BLOCK)))
+            weights=c_array(dense.kernel, c_float), bias=c_array(dense.bias, c_float)))
     return layers
 
 
@@ -155,7 +155,7 @@ def generate_core(chain: Chain, ir: PreprocessingIR, *, input_names=None, tanh="
         preprocessing=generate_preprocessing(ir, input_names), layers=layers, n_inputs=ir.n_inputs,
         n_features=chain.n_inputs, n_outputs=4, softmax=chain.ends_with_softmax,
         max_width=max(widths), variants=VARIANTS, tanh=tanh, describe=chain.describe(),
-        tile_rows=TILE_ROWS, isa_variants=ISA_VARIANTS)
+        blocks=blocks, isa_variants=ISA_VARIANTS)
     return source, "effgen_forward", True, "effgen_isa"
 
 

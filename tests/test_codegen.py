@@ -233,22 +233,28 @@ def model():
     return seed_like_model()
 
 
-@pytest.fixture(scope="module", params=["dispatch", "no-dispatch"])
+BUILDS = {  # name: (extra flags, code paths the manifest may report)
+    "dispatch": ([], ("avx512f", "avx2+fma", "baseline")),
+    "dispatch-avx2": (["-DEFFGEN_MAX_ISA=1"], ("avx2+fma", "baseline")),
+    "no-dispatch": (["-DEFFGEN_NO_DISPATCH"], ("baseline",)),
+}
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
 def full_lib(request, ct, model, tmp_path_factory):
     src, hdr = generate(read_chain(model), read_preprocessing(ct), symbol="eff2",
                         manifest={"model_sha256": "test"})
-    flags = PEDANTIC + (["-DEFFGEN_NO_DISPATCH"] if request.param == "no-dispatch" else [])
-    so = build(tmp_path_factory.mktemp("full"), src, "eff2", cflags=flags)
-    return Library(so, "eff2")
+    flags, isas = BUILDS[request.param]
+    so = build(tmp_path_factory.mktemp("full"), src, "eff2", cflags=PEDANTIC + flags)
+    lib = Library(so, "eff2")
+    assert lib.manifest()["isa"] in isas
+    return lib
 
 
 def test_library_exports_and_manifest(full_lib):
     check_library(full_lib.path, "eff2")
     m = full_lib.manifest()
     assert m["backend"] == "effgen" and m["symbol"] == "eff2" and m["tanh"] == "fast"
-    assert m["isa"] in ("baseline", "avx2+fma")
-    if "EFFGEN_NO_DISPATCH" in m["cflags"]:
-        assert m["isa"] == "baseline"
 
 
 def test_values_match_tensorflow(ct, model, full_lib):
