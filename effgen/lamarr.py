@@ -31,16 +31,19 @@ import numpy as np
 from effgen import schema
 from effgen.atomic import atomic_dir
 
-# Lamarr's efficiency query (SQLamarr's example pipeline / PyLamarr's tracking
-# efficiency step): column order is the input order of the C function; mcparticle_id
-# is a reference column, copied to the output table rather than passed to the model.
+# Lamarr's efficiency query (PyLamarr's tracking-efficiency step; SQLamarr's example
+# pipeline is the same with log10): column order is the input order of the C function;
+# mcparticle_id is a reference column, copied to the output table, not passed to the
+# model. log(x)/log(10.) rather than log10(x): when TensorFlow is imported first, its
+# bundled SQLite (exported globally) serves SQLamarr's sqlite3_* calls, and it lacks
+# SQLite's math functions; log() works on both.
 EFFICIENCY_QUERY = """
 SELECT
   mcparticle_id,
   ov.x AS mc_x,
   ov.y AS mc_y,
   ov.z AS mc_z,
-  log10(norm2(p.px, p.py, p.pz)) AS mc_log10_p,
+  log(norm2(p.px, p.py, p.pz))/log(10.) AS mc_log10_p,
   p.px/p.pz AS mc_tx,
   p.py/p.pz AS mc_ty,
   pseudorapidity(p.px, p.py, p.pz) AS mc_eta,
@@ -345,7 +348,28 @@ def _main(args):
     frame = run_lamarr_efficiency(args.library, feats, db, pid=pid, symbol=args.symbol,
                                   seed=args.seed, threads=args.threads)
     counts = frame["track_type"].value_counts().sort_index()
-    print(f"lamarr: {len(frame)} particles through {args.library}:{args.symbol}; "
+    print(f"lamarr: {len(frame)} of {len(feats)} particles through {args.library}:{args.symbol}; "
           f"databases {frame.attrs['databases']}")
     print("track types: " + ", ".join(f"{int(k)}: {int(v)}" for k, v in counts.items()))
-    return 0
+    return check_against_library(frame, args.library, args.symbol)
+
+
+def check_against_library(frame, library, symbol="efficiency") -> int:
+    """What Lamarr stored against the library called directly on the inputs SQLamarr
+    passed (must be identical), and Lamarr's draws against those probabilities
+    (parity's goodness-of-fit test). Prints a summary; returns 0 if both hold."""
+    from effgen.compile import Library
+    from effgen.parity import draw_distribution
+
+    feats = frame[schema.FEATURES].to_numpy()
+    stored = frame[schema.OUTPUTS].to_numpy()
+    direct = Library(library, symbol).per_call(feats)
+    mismatched = int((direct != stored).any(axis=1).sum())
+    dist = draw_distribution(frame["track_type"].to_numpy(), direct,
+                             feats[:, schema.FEATURES.index("mc_log10_p")])
+    pv = ", ".join(f"{b['bin']}: {b['p_value']:.3g}" for b in dist["per_bin"] if b["p_value"] is not None)
+    print(f"stored vs direct call: {mismatched} rows differ; draws vs probabilities: overall "
+          f"p = {dist['overall']['p_value']:.3g}; per bin {pv}")
+    ok = mismatched == 0 and dist["passed"]
+    print("lamarr: " + ("OK" if ok else "FAILED"))
+    return 0 if ok else 1

@@ -541,6 +541,21 @@ def network_function(backend, symbol):
         return None
 
 
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def provenance_failures(name, manifest, hashes) -> list:
+    """The library must say it was built from the model and preprocessing compared."""
+    return [f"{name}: the library's manifest has {key} {manifest.get(key, 'missing')!r}, "
+            f"the file compared against has {value} (stale library or wrong --model/--preprocessing?)"
+            for key, value in hashes.items() if manifest.get(key) != value]
+
+
 def check_target(name, res, tf_probs, raw, uniforms, tol, pre=None) -> dict:
     """All per-target checks on one worker result."""
     failures = []
@@ -662,6 +677,8 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
     for v, msg in build_failures.items():
         report["targets"][v] = {"passed": False, "failures": [msg]}
         report["failures"].append(msg[:3000])
+    hashes = {"model_sha256": _sha256(model_path), "preprocessing_sha256": _sha256(preprocessing_path)}
+    report.update(hashes)
     primary = targets[0]["variant"] if targets else None
     results = {}
     for spec in targets:
@@ -678,6 +695,8 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
             continue
         tol = TOLERANCES[backend_of(res["manifest"])]
         chk = check_target(name, res, tf_probs[:m], raw[:m], uniforms[:m], tol, pre[:m])
+        chk["failures"] += provenance_failures(name, res["manifest"], hashes)
+        chk["passed"] = not chk["failures"]
         chk.update(rows=m, backend=backend_of(res["manifest"]), tolerances=tol,
                    build={k: spec[k] for k in ("kind", "cflags") if k in spec})
         report["targets"][name] = chk

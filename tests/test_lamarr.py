@@ -186,3 +186,5 @@ def test_project_library_inside_lamarr(project_library, tiny_dataset, sample_row
     assert set(np.unique(types)) <= {0, 3, 4, 5}
     dist = parity.draw_distribution(types, tf_probs, feats[:, schema.FEATURES.index("mc_log10_p")])
     assert dist["passed"], dist
+    # The CLI's own check (direct calls + goodness of fit against the library) agrees.
+    assert lamarr.check_against_library(frame, so) == 0

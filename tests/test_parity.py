@@ -194,3 +194,19 @@ def test_scikinc_library_meets_its_stated_tolerance(tiny_model, tiny_dataset, ra
     worst = report["targets"]["abi"]["values"]["per_row"]["max"]
     # Looser than effgen's 1e-5 (scikinC's approximate quantile transform) but bounded.
     assert 1e-5 < worst <= parity.TOLERANCES["scikinc"]["function"]
+
+
+def test_a_library_from_another_model_is_flagged(tiny_model, tiny_dataset, raw_rows, tmp_path):
+    from effgen.model import build_model
+
+    so, source = _export_library(tiny_model, tiny_dataset["preprocessing"], tmp_path / "lib", "effgen")
+    other = tmp_path / "other.keras"
+    build_model(width=12, n_blocks=2, seed=8).save(other)
+    report = parity.run_parity(model_path=other, preprocessing_path=tiny_dataset["preprocessing"],
+                               raw=raw_rows, library=so, rows=2000, draws=0, variants=(),
+                               output_dir=tmp_path / "out", progress=False)
+    assert not report["passed"]
+    failures = report["targets"]["abi"]["failures"]
+    assert any("model_sha256" in f for f in failures)
+    assert any("max |C - TF|" in f for f in failures)
+    assert "FAILED" in (tmp_path / "out" / "summary.txt").read_text()
