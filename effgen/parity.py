@@ -602,7 +602,8 @@ def header_backend(header) -> str:
 def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, library=None,
                source=None, header=None, symbol="efficiency", rows=DEFAULT_ROWS,
                draws=DEFAULT_DRAWS, variants=("production", "portable", "sanitize"),
-               sanitize_rows=DEFAULT_SANITIZE_ROWS, output_dir="build/parity", seed=12345, progress=True) -> dict:
+               sanitize_rows=DEFAULT_SANITIZE_ROWS, output_dir="build/parity", seed=12345,
+               worker_timeout=3600, progress=True) -> dict:
     """Run every check; write report.json, differences.png and summary.txt into
     output_dir and return the report (report['passed'] is the verdict).
 
@@ -688,7 +689,7 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
         say(f"parity: running {name} on {m} rows" + (f" + {len(draw_uniforms)} draws" if with_draws else ""))
         try:
             res = run_worker(spec, work, raw[:m], uniforms[:m], draw_uniforms if with_draws else None,
-                             pre[:m] if spec.get("network") else None)
+                             pre[:m] if spec.get("network") else None, timeout=worker_timeout)
         except (ParityError, subprocess.TimeoutExpired) as err:
             report["targets"][name] = {"passed": False, "failures": [f"{name}: {err}"]}
             report["failures"].append(f"{name}: crashed or sanitizer report: {str(err)[:2000]}")
@@ -760,7 +761,7 @@ def summary(report) -> str:
              f"({report['rows']} rows, backend {report.get('backend')}, {report['runtime_s']:.1f} s)"]
     for name, t in report["targets"].items():
         if "values" not in t:
-            lines.append(f"  {name:<11} CRASHED")
+            lines.append(f"  {name:<11} CRASHED or did not build (see report.json)")
             continue
         v, d = t["values"], t["draws_identical_uniforms"]
         net = v.get("network", {}).get("max")
