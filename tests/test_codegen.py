@@ -320,3 +320,16 @@ def test_preprocessing_width_must_match_network(ct):
     small = keras.Model(inp, keras.layers.Softmax()(keras.layers.Dense(4)(inp)))
     with pytest.raises(ValueError, match="takes 10 inputs but the preprocessing produces 12"):
         generate(read_chain(small), read_preprocessing(ct))
+
+
+def test_weights_are_printed_so_they_read_back_exactly(model):
+    import re
+    chain = read_chain(model)
+    identity = PreprocessingIR(n_inputs=12, outputs=[Output("passthrough", i) for i in range(12)])
+    src, _ = generate(chain, identity)
+    for k, op in enumerate(chain.ops[:-1]):  # the Softmax has no weights
+        dense = getattr(op, "dense", op)
+        for suffix, expected in (("w", dense.kernel), ("b", dense.bias)):
+            body = re.search(rf"effgen_l{k}_{suffix}\[[^]]*\] EFFGEN_ALIGN = \{{(.*?)\}};", src, re.S)
+            values = np.array([np.float32(v.strip().rstrip("f")) for v in body.group(1).split(",")])
+            np.testing.assert_array_equal(values, expected.ravel())
