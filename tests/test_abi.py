@@ -1,6 +1,7 @@
 """The shared ABI layer, on a hand-written core whose outputs the test controls:
-out[k] = in[k] + in[k+4] * in[k+8], so in[0..3] are the raw probabilities and
-in[4+k] = inf, in[8+k] = 0 makes the core itself return a NaN."""
+out[k] = in[k] + (in[k+4] * in[k+8] - in[k+4] * in[k+8]), so in[0..3] are the raw
+probabilities (in[4..11] = 0), and in[4+k] = FLT_MAX, in[8+k] = 2 overflows to
+inf - inf: the core itself returns a NaN for finite inputs."""
 
 import json
 import subprocess
@@ -17,7 +18,7 @@ static void test_core(float *out, const float *in)
 {
     int k;
     for (k = 0; k < 4; ++k)
-        out[k] = in[k] + in[k + 4] * in[k + 8];
+        out[k] = in[k] + (in[k + 4] * in[k + 8] - in[k + 4] * in[k + 8]);
 }
 """
 CORE_BATCH = CORE + """
@@ -137,10 +138,25 @@ def test_nan_input_anywhere_gives_not_recoed(lib):
 
 def test_nan_from_the_core_gives_not_recoed(lib):
     x = _rows(np.full((4, 4), 0.25, dtype=np.float32))
-    x[np.arange(4), 4 + np.arange(4)] = np.inf   # inf * 0 = NaN inside the core
+    x[np.arange(4), 4 + np.arange(4)] = np.finfo(np.float32).max  # overflow: inf - inf
+    x[np.arange(4), 8 + np.arange(4)] = 2
     expected = np.tile(np.float32([1, 0, 0, 0]), (4, 1))
     np.testing.assert_array_equal(lib.batch(x), expected)
     np.testing.assert_array_equal(lib.per_call(x), expected)
+
+
+def test_infinite_inputs_are_taken_as_the_largest_float(lib):
+    big = np.finfo(np.float32).max
+    p = np.full((6, 4), 0.25, dtype=np.float32)
+    x = _rows(p)
+    x[0, 4], x[1, 8], x[2, 5], x[3, 9], x[4, 4:8] = np.inf, np.inf, -np.inf, -np.inf, np.inf
+    x[5, 4:8], x[5, 8:] = np.inf, 2
+    clamped = np.clip(x, -big, big)
+    out = lib.batch(x)
+    np.testing.assert_array_equal(out, lib.batch(clamped))
+    np.testing.assert_array_equal(lib.per_call(x), out)
+    np.testing.assert_array_equal(out[:5], p[:5])                       # FLT_MAX * 0 -> 0
+    np.testing.assert_array_equal(out[5], np.float32([1, 0, 0, 0]))     # overflow -> NaN
 
 
 def test_batch_of_zero_rows_writes_nothing(lib):
