@@ -12,6 +12,10 @@ export EFFGEN_WORKDIR := $(W)
 # Main-job knobs (see README).
 N_PARTICLES ?= 2000000
 SEED        ?= 42
+# Training sized so the main job takes ~10 minutes on 2 cores; the seed's env vars win.
+BATCH_SIZE  ?= 10000
+PRE_TRAINING_TIME_LIMIT_SECONDS ?= 60
+FINE_TUNING_TIME_LIMIT_SECONDS  ?= 300
 BACKEND     ?= effgen
 SYMBOL      ?= efficiency
 # Target selection for the compiled library: empty = portable x86-64 baseline with
@@ -50,16 +54,24 @@ $(TRAIN_DIR)/definitions.json $(TX): $(SAMPLE)
 	$(EFFGEN) preprocess --input $(SAMPLE) --output-dir $(W)/data --preprocessing $(TX) --seed $(SEED) --force
 
 $(MODEL): $(TRAIN_DIR)/definitions.json $(TX)
-	$(EFFGEN) train --resume
+	$(EFFGEN) train --resume --batch-size $(BATCH_SIZE) \
+	    --pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS) --ft-limit $(FINE_TUNING_TIME_LIMIT_SECONDS)
 
 $(REPORT): $(MODEL)
 	$(EFFGEN) validate
 
-$(LIB_SRC): $(MODEL) $(TX)
+# Records the backend, so `make lamarr-lib BACKEND=scikinc` regenerates the source.
+BACKEND_STAMP := $(LAMARR)/.backend
+$(BACKEND_STAMP): FORCE
+	@mkdir -p $(LAMARR)
+	@echo '$(BACKEND) $(SYMBOL)' | cmp -s - $@ || echo '$(BACKEND) $(SYMBOL)' > $@
+FORCE:
+
+$(LIB_SRC): $(MODEL) $(TX) $(BACKEND_STAMP)
 	$(EFFGEN) export --backend $(BACKEND) --symbol $(SYMBOL) --output-dir $(LAMARR)
 
 $(LIB): $(LIB_SRC)
-	$(CC) $(CFLAGS_LIB) -o $@.tmp $< -lm && mv $@.tmp $@
+	$(CC) $(CFLAGS_LIB) -DEFFGEN_CFLAGS='"$(CFLAGS_LIB)"' -o $@.tmp $< -lm && mv $@.tmp $@
 
 data: $(TRAIN_DIR)/definitions.json
 train: $(MODEL)

@@ -7,6 +7,13 @@ import tempfile
 from pathlib import Path
 
 
+def _umask_mode(base):
+    """The mode a plainly created file/dir would get (mkstemp/mkdtemp use 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode="wb"):
     """Yield a file object on a temporary name beside `path`; rename it over `path`
@@ -15,6 +22,7 @@ def atomic_file(path, mode="wb"):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _umask_mode(0o666))
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -34,6 +42,7 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _umask_mode(0o666))
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -54,6 +63,7 @@ def atomic_dir(path, force=False):
         raise FileExistsError(f"{path} exists and is not empty (use --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _umask_mode(0o777))
     try:
         yield tmp
         if path.exists():

@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# SQLamarr must load before TensorFlow: TF bundles its own SQLite, which would otherwise
+# serve SQLamarr's calls (it lacks log10/sqrt) when both live in one pytest process.
+import SQLamarr  # noqa: E402,F401
 import pytest  # noqa: E402
 
 TINY_ROWS = 20_000
