@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from effgen import schema
+from effgen.export import sha256_of
 
 HARNESS_DIR = Path(__file__).resolve().parent.parent / "c_harness"
 HELPERS_C = HARNESS_DIR / "parity_helpers.c"
@@ -541,14 +542,6 @@ def network_function(backend, symbol):
         return None
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def provenance_failures(name, manifest, hashes) -> list:
     """The library must say it was built from the model and preprocessing compared."""
     return [f"{name}: the library's manifest has {key} {manifest.get(key, 'missing')!r}, "
@@ -678,7 +671,7 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
     for v, msg in build_failures.items():
         report["targets"][v] = {"passed": False, "failures": [msg]}
         report["failures"].append(msg[:3000])
-    hashes = {"model_sha256": _sha256(model_path), "preprocessing_sha256": _sha256(preprocessing_path)}
+    hashes = {"model_sha256": sha256_of(model_path), "preprocessing_sha256": sha256_of(preprocessing_path)}
     report.update(hashes)
     primary = targets[0]["variant"] if targets else None
     results = {}
