@@ -210,6 +210,20 @@ def test_sample_schema_is_checked(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+def test_non_finite_sample_values_are_refused_naming_column_and_row(tmp_path):
+    table = pa.Table.from_batches(list(synth.generate(200, 1)))
+    for column, value in (("mc_log10_p", np.nan), ("recoed_as_long", np.inf)):
+        j = table.schema.get_field_index(column)
+        values = table.column(column).to_numpy().copy()
+        values[[37, 120]] = value
+        bad = tmp_path / f"bad_{column}.feather"
+        feather.write_feather(table.set_column(j, column, pa.array(values)), bad)
+        with pytest.raises(DataError, match=rf"bad_{column}\.feather: column '{column}' has 2 "
+                                            rf"non-finite values \(first at row 37"):
+            _run(bad, tmp_path)
+    assert not (tmp_path / "data").exists()
+
+
 def test_load_preprocessing_errors(tmp_path):
     from sklearn.compose import ColumnTransformer
 
