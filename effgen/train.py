@@ -384,6 +384,9 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
     if (list(train_reader.features), list(train_reader.labels)) != \
             (list(val_reader.features), list(val_reader.labels)):
         raise ValueError(f"{train_dir} and {validation_dir} name different features/labels")
+    # A NaN in a shard would only show up as a NaN loss minutes into training.
+    for reader in (train_reader, val_reader):
+        reader.validate(progress=verbose > 0)
     if train_reader.n_rows < batch_size:
         raise ValueError(f"{train_dir} has {train_reader.n_rows} rows, fewer than one batch "
                          f"of {batch_size}: lower --batch-size")

@@ -243,6 +243,26 @@ def test_train_rejects_bad_arguments(tiny_dataset, tmp_path):
               **{**TINY, "batch_size": 10**7})
 
 
+def test_train_refuses_a_shard_with_nan_before_training(tiny_dataset, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    val = tmp_path / "validation"
+    shutil.copytree(tiny_dataset["validation"], val)
+    shard = sorted(val.glob("*.feather"))[-1]
+    table = feather.read_table(shard)
+    j = table.schema.get_field_index("mc_eta")
+    eta = table.column(j).to_numpy().copy()
+    eta[5] = np.nan
+    feather.write_feather(table.set_column(j, "mc_eta", pa.array(eta)), shard)
+    out = tmp_path / "m.keras"
+    with pytest.raises(ValueError, match=rf"{shard.name}: column 'mc_eta' has 1 non-finite.*row 5"):
+        train(tiny_dataset["train"], val, out, max_epochs=1, pre_limit_s=1, ft_limit_s=1, **TINY)
+    assert not out.exists() and not checkpoint_dir(out).exists()
+
+
 def _state(path):
     try:
         return json.loads(path.read_text())
