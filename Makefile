@@ -37,11 +37,12 @@ LIB_SRC     := $(LAMARR)/$(SYMBOL).c
 
 setup: $(STAMP)
 
+# Under a lock, re-checked inside it: two first runs must not pip-install into one venv at once.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,bench]'
-	touch $@
+	@flock $(VENV).lock sh -c '[ $@ -nt pyproject.toml ] || { \
+	    set -ex; $(PYTHON) -m venv $(VENV) && \
+	    $(VENV)/bin/pip install -q --upgrade pip && \
+	    $(VENV)/bin/pip install -q -e ".[test,bench]" && touch $@; }'
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -50,7 +51,8 @@ test: $(STAMP)
 $(SAMPLE): | $(STAMP)
 	$(EFFGEN) synth --n $(N_PARTICLES) --seed $(SEED) --output $@
 
-$(TRAIN_DIR)/definitions.json $(TX): $(SAMPLE)
+# One run makes both (grouped target, GNU make >= 4.3).
+$(TRAIN_DIR)/definitions.json $(TX) &: $(SAMPLE)
 	$(EFFGEN) preprocess --input $(SAMPLE) --output-dir $(W)/data --preprocessing $(TX) --seed $(SEED) --force
 
 $(MODEL): $(TRAIN_DIR)/definitions.json $(TX)
@@ -70,9 +72,22 @@ FORCE:
 $(LIB_SRC): $(MODEL) $(TX) $(BACKEND_STAMP)
 	$(EFFGEN) export --backend $(BACKEND) --symbol $(SYMBOL) --output-dir $(LAMARR)
 
+# Built under a per-run name then renamed: a killed or failed build never leaves a
+# half-written library where Lamarr would dlopen it.
 $(LIB): $(LIB_SRC)
-	$(CC) $(CFLAGS_LIB) -DEFFGEN_CFLAGS='"$(CFLAGS_LIB)"' -o $@.tmp $< -lm && mv $@.tmp $@
+	@rm -f $@.tmp.*  # left by a killed build; safe, the work-directory lock is held
+	$(CC) $(CFLAGS_LIB) -DEFFGEN_CFLAGS='"$(CFLAGS_LIB)"' -o $@.tmp.$$$$ $< -lm \
+	    && mv -f $@.tmp.$$$$ $@ || { rm -f $@.tmp.$$$$; exit 1; }
 
+# The main-job targets hold a lock on the work directory: concurrent runs on one $(W)
+# queue instead of interleaving (the second then finds its outputs up to date).
+LOCKED := data train validate export lamarr-lib parity
+LOCK   := $(W)/.effgen.lock
+ifndef EFFGEN_HOLDS_LOCK
+$(LOCKED):
+	@mkdir -p $(W) && { flock -n $(LOCK) true || echo "effgen: waiting for the other run on $(W)"; } \
+	    && EFFGEN_HOLDS_LOCK=1 flock $(LOCK) $(MAKE) --no-print-directory $@
+else
 data: $(TRAIN_DIR)/definitions.json
 train: $(MODEL)
 validate: $(REPORT)
@@ -83,6 +98,7 @@ lamarr-lib: $(REPORT) $(LIB)
 
 parity: $(LIB)
 	$(EFFGEN) parity --library $(LIB)
+endif
 
 bench: $(STAMP)
 	$(EFFGEN) bench
