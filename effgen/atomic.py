@@ -1,10 +1,25 @@
-"""Write-to-temporary-then-rename helpers, so a failure never leaves half an output."""
+"""Write-to-temporary-then-rename helpers, so a failure or a kill never leaves half an output.
+
+Temporaries sit beside their output, hidden and recognisable:
+`.<name>.tmp-<host>-<pid>-<random>[<suffix>]`. A run that is killed cannot remove its
+own; the next run staging the same output removes those whose process (on this host)
+is gone, so killed runs do not pile up copies of large outputs.
+
+`atomic_outputs()` stages several outputs and renames them into place back to back only
+once all are written, and only then deletes what they replaced: outputs that belong
+together (a data split and its preprocessing, a .c and its .h) are never left mixed by
+a kill, except in the microseconds of the renames themselves.
+"""
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
 def _umask_mode(base):
@@ -14,42 +29,141 @@ def _umask_mode(base):
     return base & ~mask
 
 
+def _prefix(path: Path) -> str:
+    """Start of the names of `path`'s temporaries made on this host; the pid follows."""
+    return f".{path.name}.tmp-{_HOST}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(p):
+    if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+def _mkstemp(**kw):
+    fd, tmp = tempfile.mkstemp(**kw)
+    os.close(fd)
+    return tmp
+
+
+def sweep(path):
+    """Remove temporaries of `path` left by processes of this host that no longer run
+    (killed mid-write). Those of running processes are theirs and are left alone."""
+    path = Path(path)
+    prefix = _prefix(path)
+    try:
+        entries = os.listdir(path.parent)
+    except FileNotFoundError:
+        return
+    for name in entries:
+        if name.startswith(prefix):
+            pid = name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove(path.parent / name)
+
+
+class Outputs:
+    """Outputs staged under temporary names; `atomic_outputs` commits them together."""
+
+    def __init__(self):
+        self._staged = []  # (temporary, final path), in commit order
+
+    def _stage(self, path: Path, make, suffix="") -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep(path)
+        tmp = Path(make(prefix=f"{_prefix(path)}{os.getpid()}-", suffix=suffix, dir=path.parent))
+        self._staged.append((tmp, path))
+        return tmp
+
+    def path(self, path) -> Path:
+        """An empty temporary file that will replace `path`. It keeps `path`'s suffix, for
+        writers that infer the format from it (e.g. Keras' model.save)."""
+        path = Path(path)
+        tmp = self._stage(path, _mkstemp, path.suffix)
+        os.chmod(tmp, _umask_mode(0o666))
+        return tmp
+
+    @contextlib.contextmanager
+    def file(self, path, mode="wb"):
+        """A file object to write what will replace `path`; flushed to disk when closed."""
+        tmp = self._stage(Path(path), _mkstemp)
+        os.chmod(tmp, _umask_mode(0o666))
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+    def dir(self, path, force=False) -> Path:
+        """An empty temporary directory that will replace `path`. An existing non-empty
+        `path` is refused unless `force`."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not force:
+            raise FileExistsError(f"{path} exists and is not empty (use --force to replace it)")
+        tmp = self._stage(path, tempfile.mkdtemp)
+        os.chmod(tmp, _umask_mode(0o777))
+        return tmp
+
+    def _commit(self) -> list:
+        """Rename every temporary over its output, back to back; return the replaced
+        directories, moved aside (under a temporary name) for deletion afterwards."""
+        replaced = []
+        for tmp, path in self._staged:
+            if tmp.is_dir() and path.is_dir():
+                old = tmp.with_name(tmp.name + "-old")
+                os.replace(path, old)
+                replaced.append(old)
+            os.replace(tmp, path)
+        self._staged = []
+        return replaced
+
+    def _discard(self):
+        for tmp, _ in self._staged:
+            _remove(tmp)
+        self._staged = []
+
+
+@contextlib.contextmanager
+def atomic_outputs():
+    """Yield an `Outputs` to stage outputs on; if the block succeeds, rename them all
+    into place in the order staged, then delete the directories they replaced. If it
+    fails, remove the temporaries and leave the old outputs untouched."""
+    outputs = Outputs()
+    try:
+        yield outputs
+        replaced = outputs._commit()
+    except BaseException:
+        outputs._discard()
+        raise
+    for old in replaced:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode="wb"):
     """Yield a file object on a temporary name beside `path`; rename it over `path`
     only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, _umask_mode(0o666))
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_outputs() as out, out.file(path, mode) as f:
+        yield f
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` for a writer that wants a file name
     (e.g. Keras' model.save); rename it over `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, _umask_mode(0o666))
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_outputs() as out:
+        yield out.path(path)
 
 
 @contextlib.contextmanager
@@ -57,22 +171,6 @@ def atomic_dir(path, force=False):
     """Yield a temporary directory beside `path`; on success it replaces `path`.
 
     An existing non-empty `path` is refused unless `force`; with `force` the old
-    directory is removed only after the new one is complete."""
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not force:
-        raise FileExistsError(f"{path} exists and is not empty (use --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, _umask_mode(0o777))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    directory is removed only after the new one is in place."""
+    with atomic_outputs() as out:
+        yield out.dir(path, force)

@@ -9,7 +9,7 @@ import numpy as np
 
 from effgen import schema
 from effgen.abi import check_symbol, render_abi
-from effgen.atomic import atomic_file
+from effgen.atomic import atomic_outputs
 
 BACKENDS = ("effgen", "scikinc")
 
@@ -92,9 +92,10 @@ def export(model_path, preprocessing_path, output_dir, *, backend="effgen", symb
                                     manifest=manifest)
     out = Path(output_dir)
     paths = {"source": out / f"{symbol}.c", "header": out / f"{symbol}.h"}
-    for key, text in (("header", header), ("source", source)):
-        with atomic_file(paths[key], "w") as f:
-            f.write(text)
+    with atomic_outputs() as staged:  # both renamed together: never a .h of another .c
+        for key, text in (("header", header), ("source", source)):
+            with staged.file(paths[key], "w") as f:
+                f.write(text)
     return paths
 
 

@@ -13,7 +13,6 @@ columns: the raw features (`raw_<name>`), the pid, the true probabilities and `r
 """
 
 import argparse
-import contextlib
 import pickle
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from effgen import schema
-from effgen.atomic import atomic_dir, atomic_file
+from effgen.atomic import atomic_file, atomic_outputs
 from effgen.reader import DataError, check_schema, write_definitions
 
 SPLITS = {"train": 0.5, "test": 0.4, "validation": 0.1}
@@ -150,8 +149,9 @@ def preprocess(input_path, output_dir, preprocessing_path, seed, force=False,
     """Fit the preprocessing on training rows and write the three split directories.
 
     All outputs are refused up front if they exist (unless force); the split
-    directories are built under temporary names and renamed only once everything,
-    the preprocessing pickle included, has been written."""
+    directories and the pickle are built under temporary names and renamed together,
+    back to back, only once everything has been written: a kill leaves the old outputs
+    or the new ones, a mix only if it lands within the microseconds of the renames."""
     from tqdm import tqdm
 
     output_dir = Path(output_dir)
@@ -173,16 +173,18 @@ def preprocess(input_path, output_dir, preprocessing_path, seed, force=False,
     # Train rows are already a random permutation: the first ones are a random subset.
     ct = fit_preprocessing(_raw_features(table, splits["train"][:max_fit_rows]), seed)
 
-    with contextlib.ExitStack() as stack, tqdm(total=table.num_rows, unit="row", unit_scale=True,
-                                               desc="preprocess", disable=not progress) as bar:
+    with atomic_outputs() as staged, tqdm(total=table.num_rows, unit="row", unit_scale=True,
+                                         desc="preprocess", disable=not progress) as bar:
         for name, rows in splits.items():
-            tmp = stack.enter_context(atomic_dir(out_dirs[name], force=force))
+            tmp = staged.dir(out_dirs[name], force=force)
             for k, start in enumerate(range(0, len(rows), shard_rows)):
                 chunk = rows[start:start + shard_rows]
                 _write_shard(_shard_table(table, chunk, ct), tmp / f"part-{k:05d}.feather")
                 bar.update(len(chunk))
             write_definitions(tmp, schema.FEATURES, schema.LABELS, EXTRA)
-        save_preprocessing(ct, preprocessing_path)
+        # Staged last, so renamed last: a replaced pickle means every split is new too.
+        with staged.file(preprocessing_path) as f:
+            pickle.dump(ct, f, protocol=pickle.HIGHEST_PROTOCOL)
     return {**out_dirs, "preprocessing": preprocessing_path,
             "rows": {name: len(rows) for name, rows in splits.items()}}
 
