@@ -119,7 +119,9 @@ class FeatherReader:
             raise DataError(f"{self.path}: not a data directory")
         defs = read_definitions(self.path)
         self.features, self.labels, self.extra = defs["features"], defs["labels"], defs["extra"]
-        self.data_files = sorted(self.path.glob(SHARD_GLOB))
+        # Dot-files are other writers' temporaries (effgen.atomic), never shards.
+        self.data_files = sorted(f for f in self.path.glob(SHARD_GLOB)
+                                 if not f.name.startswith("."))
         if not self.data_files:
             raise DataError(f"{self.path}: no {SHARD_GLOB} shards")
         self.shard_rows = []

@@ -177,6 +177,13 @@ def test_missing_or_bad_definitions(data_dir):
         FeatherReader(data_dir / "nope")
 
 
+def test_hidden_temporaries_are_not_shards(data_dir):
+    n_files = len(FeatherReader(data_dir).data_files)
+    (data_dir / ".part-00009.feather.tmp-host-1-x.feather").write_bytes(b"half written")
+    r = FeatherReader(data_dir)
+    assert len(r.data_files) == n_files and r.validate() == 1000
+
+
 def test_no_shards(tmp_path):
     d = make_dir(tmp_path / "d", shard_sizes=())
     with pytest.raises(DataError, match="no .*feather"):
