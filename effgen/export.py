@@ -70,15 +70,20 @@ def export(model_path, preprocessing_path, output_dir, *, backend="effgen", symb
     if n_raw != len(schema.FEATURES):
         raise ExportError(f"preprocessing {preprocessing_path} takes {n_raw} raw features; the "
                           f"efficiency ABI takes {len(schema.FEATURES)} ({', '.join(schema.FEATURES)})")
+    from effgen.graph import UnsupportedModelError, read_chain
+
+    try:  # for every backend: the scikinc one would not notice a wrong output count
+        chain = read_chain(model, n_outputs=len(schema.OUTPUTS))
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{model_path}: {err}") from err
     manifest = {"model_sha256": sha256_of(model_path), "model_file": model_path.name,
                 "preprocessing_sha256": sha256_of(preprocessing_path)}
 
     if backend == "effgen":
         from effgen.codegen import generate
-        from effgen.graph import read_chain
         from effgen.preprocessing_ir import read_preprocessing
 
-        source, header = generate(read_chain(model), read_preprocessing(ct, sklearn_dtype),
+        source, header = generate(chain, read_preprocessing(ct, sklearn_dtype),
                                   symbol=symbol, manifest=manifest, tanh=tanh)
     else:
         try:

@@ -17,6 +17,7 @@ from typing import List, Optional
 import numpy as np
 
 ACTIVATIONS = ("linear", "tanh", "sigmoid", "relu", "elu")
+COMPUTE_DTYPES = ("float32", "float64")  # float64 layers: the float32 C stays within 1e-5
 
 
 class UnsupportedModelError(ValueError):
@@ -105,6 +106,23 @@ def _producer(tensor):
     return layer, list(node.input_tensors)
 
 
+def _check_dtype(layer):
+    """The C code computes in float32: a layer computing in float16/bfloat16 (a mixed
+    precision policy) gives TensorFlow other values, so it is refused."""
+    policy = getattr(layer, "dtype_policy", None)
+    dtype = str(getattr(policy, "compute_dtype", None) or "float32")
+    if dtype not in COMPUTE_DTYPES:
+        raise UnsupportedModelError(
+            f"{_where(layer)}: computes in {dtype}; effgen computes in float32 and would not "
+            f"match (use a float32 dtype policy)")
+
+
+def _float32(x) -> np.ndarray:
+    """A keras Variable or eager tensor as float32 numpy (.numpy(): keras'
+    convert_to_numpy raises a numpy DeprecationWarning on Variables)."""
+    return np.asarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.float32)
+
+
 def _dense(layer) -> Dense:
     config = layer.get_config()
     activation = config.get("activation", "linear")
@@ -112,12 +130,14 @@ def _dense(layer) -> Dense:
         raise UnsupportedModelError(
             f"{_where(layer)}: activation {activation!r} is not supported "
             f"(supported: {', '.join(ACTIVATIONS)}; use a separate Softmax layer for softmax)")
-    weights = layer.get_weights()
-    kernel = np.asarray(weights[0], dtype=np.float32)
+    if getattr(layer, "quantization_mode", None):
+        raise UnsupportedModelError(
+            f"{_where(layer)}: {layer.quantization_mode}-quantized weights are not supported")
+    # `layer.kernel` is what the layer multiplies by: LoRA factors, if any, merged in.
+    kernel = _float32(layer.kernel)
     if kernel.ndim != 2:
         raise UnsupportedModelError(f"{_where(layer)}: kernel of rank {kernel.ndim}, expected 2")
-    bias = (np.asarray(weights[1], dtype=np.float32) if layer.use_bias
-            else np.zeros(kernel.shape[1], dtype=np.float32))
+    bias = _float32(layer.bias) if layer.use_bias else np.zeros(kernel.shape[1], dtype=np.float32)
     return Dense(kernel=kernel, bias=bias, activation=activation, name=layer.name)
 
 
@@ -127,6 +147,7 @@ def _skip_dropout(tensor):
         layer, inputs = _producer(tensor)
         if type(layer).__name__ != "Dropout":
             return tensor
+        _check_dtype(layer)
         tensor = inputs[0]
 
 
@@ -140,6 +161,7 @@ def _residual(layer, inputs):
         if type(branch_layer).__name__ != "Dense" or len(branch_inputs) != 1:
             continue
         if _skip_dropout(branch_inputs[0]) is _skip_dropout(skip):
+            _check_dtype(branch_layer)
             dense = _dense(branch_layer)
             if dense.n_in != dense.n_out:
                 raise UnsupportedModelError(
@@ -150,8 +172,9 @@ def _residual(layer, inputs):
         f"{_where(layer)}: operands are not a tensor and a Dense of that same tensor")
 
 
-def read_chain(model) -> Chain:
-    """Walk `model` from its single output back to its single input."""
+def read_chain(model, n_outputs=None) -> Chain:
+    """Walk `model` from its single output back to its single input; with `n_outputs`,
+    also refuse a model giving another number of outputs."""
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UnsupportedModelError(
             f"model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} "
@@ -159,6 +182,10 @@ def read_chain(model) -> Chain:
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 2 or shape[1] is None:
         raise UnsupportedModelError(f"model input shape {shape}: expected (None, n_features)")
+    dtype = str(model.inputs[0].dtype)
+    if dtype not in COMPUTE_DTYPES:
+        # the rows would be cast to it before the first layer
+        raise UnsupportedModelError(f"model {model.name!r} takes {dtype} input; effgen takes float32")
 
     ops = []
     tensor = model.outputs[0]
@@ -167,6 +194,7 @@ def read_chain(model) -> Chain:
         kind = type(layer).__name__
         if kind == "InputLayer":
             break
+        _check_dtype(layer)
         if kind == "Dropout":
             tensor = inputs[0]
             continue
@@ -191,6 +219,10 @@ def read_chain(model) -> Chain:
 
     chain = Chain(n_inputs=int(shape[1]), ops=ops[::-1])
     _check_shapes(chain)
+    if n_outputs is not None and chain.n_outputs != n_outputs:
+        last, _ = _producer(model.outputs[0])
+        raise UnsupportedModelError(
+            f"{_where(last)}: the model has {chain.n_outputs} outputs; {n_outputs} are needed")
     return chain
 
 
