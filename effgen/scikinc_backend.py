@@ -151,11 +151,15 @@ def scikinc_source(model, preprocessing, *, symbol="efficiency"):
 
     if not _IDENTIFIER.match(symbol):
         raise ValueError(f"symbol {symbol!r} is not a C identifier")
+    from effgen.export import preprocessing_width
+
     chain = read_chain(model)
-    n_in = getattr(preprocessing, "n_features_in_", None)
-    if n_in != chain.n_inputs:
+    # what the network receives is the preprocessing's output (a ColumnTransformer may
+    # drop raw columns), not its input
+    n_out = preprocessing_width(preprocessing)
+    if n_out != chain.n_inputs:
         raise ValueError(
-            f"preprocessing {type(preprocessing).__name__} takes {n_in} features but model "
+            f"preprocessing {type(preprocessing).__name__} outputs {n_out} features but model "
             f"{model.name!r} takes {chain.n_inputs}")
     register_layer_converters()
     # sklearn validates steps only in fit(), so a keras model can be the last step;
@@ -183,6 +187,17 @@ def _functions(source):
     return spans
 
 
+_BUFFERS = re.compile(r"^[ \t]*float bufin\[\d+\], bufout\[\d+\];[ \t]*\n", re.M)
+
+
+def _drop_unused_buffers(function):
+    """scikinC's ColumnTransformer declares bufin/bufout even when every column is
+    passed through; unused, they fail -Wall -Werror builds."""
+    if function.count("bufin") == 1 and function.count("bufout") == 1:
+        return _BUFFERS.sub("", function)
+    return function
+
+
 def to_c99(source, root, core_fn):
     """Rewrite scikinC's output into C99 with only static functions reachable from
     `root`, plus `static void core_fn(float *out, const float *in)` calling it."""
@@ -205,8 +220,8 @@ def to_c99(source, root, core_fn):
         body = source[start:end]
         todo += [f for f in spans if f != name and re.search(rf"\b{f}\b", body)]
     # scikinC defines every function before its first use, so source order works.
-    kept = [source[s:e].strip() for name, (s, e) in sorted(spans.items(), key=lambda kv: kv[1])
-            if name in reachable]
+    kept = [_drop_unused_buffers(source[s:e].strip())
+            for name, (s, e) in sorted(spans.items(), key=lambda kv: kv[1]) if name in reachable]
     out = "\n\n".join("static " + text for text in kept)
     if re.search(r"\bFLOAT_T\b|\bextern\b|#define", out):
         raise RuntimeError("scikinC output kept an extern/FLOAT_T/#define after rewriting")

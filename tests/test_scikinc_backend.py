@@ -185,7 +185,7 @@ def test_preprocessing_of_the_wrong_width_is_refused():
     from sklearn.preprocessing import QuantileTransformer
 
     qt = QuantileTransformer(n_quantiles=100).fit(_features(500, seed=1)[:, :8])
-    with pytest.raises(ValueError, match="takes 8 features but model .* takes 12"):
+    with pytest.raises(ValueError, match="outputs 8 features but model .* takes 12"):
         generate_core(build_model(width=8, n_blocks=1), qt)
 
 
