@@ -175,6 +175,11 @@ def _residual(layer, inputs):
 def read_chain(model, n_outputs=None) -> Chain:
     """Walk `model` from its single output back to its single input; with `n_outputs`,
     also refuse a model giving another number of outputs."""
+    try:
+        model.inputs, model.outputs
+    except AttributeError as err:  # an empty or never-built Sequential
+        raise UnsupportedModelError(f"model {model.name!r} has no graph to read ({err}); "
+                                    f"give it an Input and at least one layer") from err
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UnsupportedModelError(
             f"model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} "

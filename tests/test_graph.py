@@ -73,3 +73,8 @@ def test_softmax_in_the_middle_is_refused():
     inp = keras.layers.Input((12,))
     x = keras.layers.Softmax(name="mid")(keras.layers.Dense(8)(inp))
     _refused(keras.Model(inp, keras.layers.Dense(4)(x)), "'mid'.*last layer")
+
+
+@pytest.mark.parametrize("layers", [[], [keras.Input((12,))], [keras.layers.Dense(4)]])
+def test_unbuilt_or_empty_sequential_is_refused_by_name(layers):
+    _refused(keras.Sequential(layers, name="empty_seq"), "'empty_seq' has no graph to read")
