@@ -100,6 +100,14 @@ parity: $(LIB)
 	$(EFFGEN) parity --library $(LIB)
 endif
 
+# The reliability tests at depth: many more fuzzed models (~3 min at 120 examples), the
+# kill, concurrency, thread and sanitizer tests. `make test` runs them all at a smaller size.
+FUZZ_EXAMPLES ?= 120
+check-hard: $(STAMP)
+	EFFGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_models.py \
+	    tests/test_kill.py tests/test_makefile.py tests/test_threads.py tests/test_abi.py \
+	    tests/test_parity.py
+
 bench: $(STAMP)
 	$(EFFGEN) bench
 
