@@ -26,6 +26,32 @@ def sha256_of(path) -> str:
     return h.hexdigest()
 
 
+def check_provenance(model_path, preprocessing_path) -> bool:
+    """Refuse a preprocessing other than the one the model was trained behind, when the
+    training history beside the model (history.json, naming this model's sha256) says
+    which; same-width preprocessings would otherwise export silently wrong physics.
+    Returns whether the check could be made."""
+    import json
+
+    history = Path(model_path).with_name("history.json")
+    try:
+        recorded = json.loads(history.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(recorded, dict) or recorded.get("model_sha256") != sha256_of(model_path):
+        return False  # no history, or the history of another model
+    want = recorded.get("preprocessing_sha256")
+    if want is None:
+        return False
+    got = sha256_of(preprocessing_path)
+    if got != want:
+        raise ExportError(
+            f"model {model_path} was trained on features made by a preprocessing with sha256 "
+            f"{want[:16]}... ({history}), but {preprocessing_path} has sha256 {got[:16]}...: "
+            f"export with the tX.pkl the model was trained with, or retrain")
+    return True
+
+
 def _load_model(path):
     import os
 
@@ -61,6 +87,7 @@ def export(model_path, preprocessing_path, output_dir, *, backend="effgen", symb
         raise FileNotFoundError(f"preprocessing {preprocessing_path} does not exist (run `effgen preprocess`)")
     ct = load_preprocessing(preprocessing_path)
     model = _load_model(model_path)
+    provenance_checked = check_provenance(model_path, preprocessing_path)
     n_model = int(model.inputs[0].shape[-1])
     n_pre = preprocessing_width(ct)
     if n_model != n_pre:
@@ -77,7 +104,8 @@ def export(model_path, preprocessing_path, output_dir, *, backend="effgen", symb
     except UnsupportedModelError as err:
         raise UnsupportedModelError(f"{model_path}: {err}") from err
     manifest = {"model_sha256": sha256_of(model_path), "model_file": model_path.name,
-                "preprocessing_sha256": sha256_of(preprocessing_path)}
+                "preprocessing_sha256": sha256_of(preprocessing_path),
+                "trained_with_this_preprocessing": "checked" if provenance_checked else "unknown"}
 
     if backend == "effgen":
         from effgen.codegen import generate

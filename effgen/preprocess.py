@@ -13,6 +13,7 @@ columns: the raw features (`raw_<name>`), the pid, the true probabilities and `r
 """
 
 import argparse
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -173,6 +174,8 @@ def preprocess(input_path, output_dir, preprocessing_path, seed, force=False,
     # Train rows are already a random permutation: the first ones are a random subset.
     ct = fit_preprocessing(_raw_features(table, splits["train"][:max_fit_rows]), seed)
 
+    blob = pickle.dumps(ct, protocol=pickle.HIGHEST_PROTOCOL)
+    sha = hashlib.sha256(blob).hexdigest()
     with atomic_outputs() as staged, tqdm(total=table.num_rows, unit="row", unit_scale=True,
                                          desc="preprocess", disable=not progress) as bar:
         for name, rows in splits.items():
@@ -181,10 +184,10 @@ def preprocess(input_path, output_dir, preprocessing_path, seed, force=False,
                 chunk = rows[start:start + shard_rows]
                 _write_shard(_shard_table(table, chunk, ct), tmp / f"part-{k:05d}.feather")
                 bar.update(len(chunk))
-            write_definitions(tmp, schema.FEATURES, schema.LABELS, EXTRA)
+            write_definitions(tmp, schema.FEATURES, schema.LABELS, EXTRA, preprocessing_sha256=sha)
         # Staged last, so renamed last: a replaced pickle means every split is new too.
         with staged.file(preprocessing_path) as f:
-            pickle.dump(ct, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.write(blob)
     return {**out_dirs, "preprocessing": preprocessing_path,
             "rows": {name: len(rows) for name, rows in splits.items()}}
 

@@ -49,14 +49,22 @@ def read_definitions(path) -> dict:
         out[key] = value
     if not out["features"] or not out["labels"]:
         raise DataError(f"{file}: 'features' and 'labels' must not be empty")
+    sha = defs.get("preprocessing_sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise DataError(f"{file}: 'preprocessing_sha256' must be a string, got {sha!r}")
+    out["preprocessing_sha256"] = sha
     return out
 
 
-def write_definitions(path, features, labels, extra=()):
+def write_definitions(path, features, labels, extra=(), preprocessing_sha256=None):
+    """`preprocessing_sha256`: the tX.pkl that made the features, so that training and
+    export can tell a model from data preprocessed another way."""
     from effgen.atomic import atomic_file
 
-    text = json.dumps({"features": list(features), "labels": list(labels), "extra": list(extra)},
-                      indent=2)
+    defs = {"features": list(features), "labels": list(labels), "extra": list(extra)}
+    if preprocessing_sha256 is not None:
+        defs["preprocessing_sha256"] = preprocessing_sha256
+    text = json.dumps(defs, indent=2)
     with atomic_file(Path(path) / DEFINITIONS, "w") as f:
         f.write(text + "\n")
 
@@ -110,6 +118,7 @@ class FeatherReader:
     """A data directory of feather shards.
 
     Attributes: path, features, labels, extra (column-name lists from definitions.json),
+    preprocessing_sha256 (of the tX.pkl that made the features, when recorded),
     data_files (sorted shard paths, fixed at open), n_rows (total, from the footers).
     """
 
@@ -119,6 +128,7 @@ class FeatherReader:
             raise DataError(f"{self.path}: not a data directory")
         defs = read_definitions(self.path)
         self.features, self.labels, self.extra = defs["features"], defs["labels"], defs["extra"]
+        self.preprocessing_sha256 = defs["preprocessing_sha256"]  # None for foreign data
         # Dot-files are other writers' temporaries (effgen.atomic), never shards.
         self.data_files = sorted(f for f in self.path.glob(SHARD_GLOB)
                                  if not f.name.startswith("."))

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from effgen.atomic import atomic_file, atomic_path
+from effgen.atomic import atomic_file, atomic_outputs, atomic_path
+from effgen.export import sha256_of
 
 STATE_FORMAT = 1
 
@@ -384,6 +385,10 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
     if (list(train_reader.features), list(train_reader.labels)) != \
             (list(val_reader.features), list(val_reader.labels)):
         raise ValueError(f"{train_dir} and {validation_dir} name different features/labels")
+    if train_reader.preprocessing_sha256 != val_reader.preprocessing_sha256:
+        raise ValueError(f"{train_dir} and {validation_dir} were made by different "
+                         f"preprocessings (tX.pkl sha256 {train_reader.preprocessing_sha256} vs "
+                         f"{val_reader.preprocessing_sha256}): rerun `effgen preprocess`")
     # A NaN in a shard would only show up as a NaN loss minutes into training.
     for reader in (train_reader, val_reader):
         reader.validate(progress=verbose > 0)
@@ -442,12 +447,18 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
     history = make_history(run, limits, max_epochs, config, model.count_params())
     history["features"] = list(train_reader.features)
     history["labels"] = list(train_reader.labels)
-    with atomic_file(output_model.with_name("history.json"), "w") as f:
-        json.dump(history, f, indent=1)
+    # Provenance for `effgen export`: which tX.pkl made the training features, and which
+    # model file this history belongs to.
+    history["preprocessing_sha256"] = train_reader.preprocessing_sha256
     plot_history(history, output_model.with_name("loss.png"))
-    # The model last: its existence (make's target) implies the rest is there.
-    with atomic_path(output_model) as tmp:
-        model.save(tmp)
+    with atomic_outputs() as staged:
+        # Renamed in staging order: the model last, so its existence (make's target)
+        # implies its history is there.
+        history_tmp = staged.path(output_model.with_name("history.json"))
+        model_tmp = staged.path(output_model)
+        model.save(model_tmp)
+        history["model_sha256"] = sha256_of(model_tmp)
+        history_tmp.write_text(json.dumps(history, indent=1))
     run.clear()
     print(f"effgen train: wrote {output_model} ({model.count_params():,} parameters, "
           f"{history['wall_s']:.1f}s of training)", flush=True)

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -108,6 +109,38 @@ def test_export_cli_and_describe(tmp_path, trained, capsys):
     rc = main(["export", "--describe", str(so), "--model", str(model_path),
                "--preprocessing", str(tx_path), "--validation", str(tmp_path / "absent")])
     assert rc == 0 and "long" in capsys.readouterr().out
+
+
+def test_export_checks_the_preprocessing_the_model_was_trained_behind(tmp_path, trained):
+    import json
+    import shutil
+
+    model_src, tx_path, _, _ = trained
+    model_path = tmp_path / "model" / "model.keras"
+    model_path.parent.mkdir()
+    shutil.copy(model_src, model_path)
+    other_tx = tmp_path / "other_tX.pkl"  # same width, fitted on other rows
+    with open(other_tx, "wb") as f:
+        pickle.dump(fit_preprocessing(n=5000, seed=10, n_quantiles=200), f)
+    history = model_path.with_name("history.json")
+
+    def record(model_sha):
+        history.write_text(json.dumps({"model_sha256": model_sha,
+                                       "preprocessing_sha256": sha256_of(tx_path)}))
+
+    record(sha256_of(model_path))
+    with pytest.raises(ExportError, match=rf"model {model_path} was trained .*"
+                                          rf"{sha256_of(tx_path)[:16]}.*{other_tx}"):
+        export(model_path, other_tx, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    export(model_path, tx_path, tmp_path / "ok")
+    manifest_entry = r"trained_with_this_preprocessing\W+{}\b"  # JSON escaped in a C string
+    assert re.search(manifest_entry.format("checked"), (tmp_path / "ok" / "efficiency.c").read_text())
+
+    record("f" * 64)  # the history of some other model says nothing about this one
+    export(model_path, other_tx, tmp_path / "unknown")
+    assert re.search(manifest_entry.format("unknown"),
+                     (tmp_path / "unknown" / "efficiency.c").read_text())
 
 
 def test_export_refuses_mismatched_inputs_naming_both_files(tmp_path, trained):

@@ -94,6 +94,7 @@ def test_concurrent_runs_leave_one_consistent_library(concurrent_runs):
     manifest = lib.manifest()
     assert manifest["model_sha256"] == sha256_of(paths["model"])
     assert manifest["preprocessing_sha256"] == sha256_of(paths["tx"])
+    assert manifest["trained_with_this_preprocessing"] == "checked"
     rows = _raw_rows(paths)
     np.testing.assert_allclose(lib.batch(rows), _tf_reference(paths, rows), atol=1e-5, rtol=0)
     assert [p.name for p in paths["lamarr"].iterdir() if ".tmp" in p.name] == []

@@ -1,3 +1,4 @@
+import hashlib
 import pickle
 import subprocess
 import sys
@@ -42,7 +43,9 @@ def test_split_is_disjoint_complete_and_sized(tiny_dataset, frames):
     assert ids["validation"].max() - ids["validation"].min() > 0.9 * n
 
 
-def test_definitions_and_columns(frames):
+def test_definitions_and_columns(tiny_dataset, frames):
+    tx_sha = hashlib.sha256(tiny_dataset["preprocessing"].read_bytes()).hexdigest()
+    assert [frames[s][0].preprocessing_sha256 for s in SPLITS] == [tx_sha] * 3
     reader, df = frames["train"]
     assert reader.features == schema.FEATURES
     assert reader.labels == schema.LABELS

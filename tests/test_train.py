@@ -2,6 +2,7 @@
 
 Models are tiny (width 8, 1 block) and epochs are 5 batches of 256 rows."""
 
+import hashlib
 import json
 import os
 import signal
@@ -219,6 +220,9 @@ def test_train_writes_model_history_and_plot(tiny_dataset, tmp_path):
         assert [e["epoch"] for e in phase["epochs"]] == [1, 2, 3]
         assert all(e["wall_s"] > 0 and np.isfinite(e["val_loss"]) for e in phase["epochs"])
     assert on_disk["n_params"] == 12 * 8 + 8 + (8 * 8 + 8) + 8 * 4 + 4
+    assert on_disk["model_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert on_disk["preprocessing_sha256"] == \
+        hashlib.sha256(tiny_dataset["preprocessing"].read_bytes()).hexdigest()
 
     # The saved model is phase 2's best: it reproduces that epoch's validation loss
     # on the same validation batch (the first BATCH rows).
@@ -261,6 +265,19 @@ def test_train_refuses_a_shard_with_nan_before_training(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match=rf"{shard.name}: column 'mc_eta' has 1 non-finite.*row 5"):
         train(tiny_dataset["train"], val, out, max_epochs=1, pre_limit_s=1, ft_limit_s=1, **TINY)
     assert not out.exists() and not checkpoint_dir(out).exists()
+
+
+def test_train_refuses_splits_made_by_different_preprocessings(tiny_dataset, tmp_path):
+    import shutil
+
+    val = tmp_path / "validation"
+    shutil.copytree(tiny_dataset["validation"], val)
+    defs = json.loads((val / "definitions.json").read_text())
+    defs["preprocessing_sha256"] = "0" * 64
+    (val / "definitions.json").write_text(json.dumps(defs))
+    with pytest.raises(ValueError, match="different preprocessings.*0000000000"):
+        train(tiny_dataset["train"], val, tmp_path / "m.keras", max_epochs=1, pre_limit_s=1,
+              ft_limit_s=1, **TINY)
 
 
 def _state(path):
