@@ -61,12 +61,9 @@ def check_symbol(symbol: str) -> str:
 
 
 def templates_dir() -> Path:
-    """templates/ at the repository root (editable install), else inside the package."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "templates", here / "templates"):
-        if (candidate / "abi.c.j2").is_file():
-            return candidate
-    raise FileNotFoundError(f"effgen templates not found beside {here} (looked for templates/abi.c.j2)")
+    from effgen.config import shipped_dir
+
+    return shipped_dir("templates", "abi.c.j2")
 
 
 def template_env():

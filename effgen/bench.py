@@ -37,10 +37,11 @@ import numpy as np
 
 from effgen import schema
 from effgen.atomic import atomic_file, atomic_path
+from effgen.config import shipped_dir
 
 SECTIONS = ("codegen", "calls", "lamarr", "reader")
 BACKENDS = ("effgen", "scikinc")
-HARNESS = Path(__file__).resolve().parent.parent / "c_harness" / "timing.c"
+HARNESS = shipped_dir("c_harness", "timing.c") / "timing.c"
 
 
 @dataclass(frozen=True)

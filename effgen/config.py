@@ -49,3 +49,13 @@ def default_paths() -> dict:
         "parity": w / "parity",
         "bench": w / "bench",
     }
+
+
+def shipped_dir(name: str, marker: str) -> Path:
+    """`templates/` or `c_harness/`: at the repository root in a checkout, inside the
+    package (effgen/<name>) in an installed wheel. `marker` is a file it must hold."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / name, here / name):
+        if (candidate / marker).is_file():
+            return candidate
+    raise FileNotFoundError(f"effgen's {name}/ not found beside {here} (looked for {name}/{marker})")

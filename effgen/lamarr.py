@@ -30,6 +30,7 @@ import numpy as np
 
 from effgen import schema
 from effgen.atomic import atomic_dir
+from effgen.config import shipped_dir
 
 # Lamarr's efficiency query (PyLamarr's tracking-efficiency step; SQLamarr's example
 # pipeline is the same with log10): column order is the input order of the C function;
@@ -80,7 +81,7 @@ PERSISTENT_ECHO = "efficiency_inputs"
 MASS = {11: 0.51099895, 13: 105.6583755, 211: 139.57039, 321: 493.677, 2212: 938.27208816}
 BEAM_E = 6.8e6
 
-HARNESS_DIR = Path(__file__).resolve().parent.parent / "c_harness"
+HARNESS_DIR = shipped_dir("c_harness", "lamarr_echo.c")
 
 
 class LamarrError(RuntimeError):

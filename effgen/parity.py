@@ -44,9 +44,10 @@ from pathlib import Path
 import numpy as np
 
 from effgen import schema
+from effgen.config import shipped_dir
 from effgen.export import sha256_of
 
-HARNESS_DIR = Path(__file__).resolve().parent.parent / "c_harness"
+HARNESS_DIR = shipped_dir("c_harness", "parity_helpers.c")
 HELPERS_C = HARNESS_DIR / "parity_helpers.c"
 
 DEFAULT_ROWS = 200_000

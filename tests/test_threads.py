@@ -12,11 +12,12 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from effgen.compile import compile_shared
+from effgen.config import shipped_dir
 from effgen.export import export
 
 from test_codegen import fit_preprocessing, raw_features, seed_like_model
 
-DRIVER = Path(__file__).resolve().parent.parent / "c_harness" / "threads.c"
+DRIVER = shipped_dir("c_harness", "threads.c") / "threads.c"
 
 
 @pytest.mark.parametrize("backend", ["effgen", "scikinc"])
