@@ -75,7 +75,9 @@ $(LIB_SRC): $(MODEL) $(TX) $(BACKEND_STAMP)
 # Built under a per-run name then renamed: a killed or failed build never leaves a
 # half-written library where Lamarr would dlopen it.
 $(LIB): $(LIB_SRC)
-	@rm -f $@.tmp.*  # left by a killed build; safe, the work-directory lock is held
+	@# Remove what killed builds left (their shell is gone or a zombie), not a live one's.
+	@for f in $@.tmp.*; do case "$$(ps -o stat= -p "$${f##*.}" 2>/dev/null)" in \
+	    ""|Z*) rm -f "$$f";; esac; done
 	$(CC) $(CFLAGS_LIB) -DEFFGEN_CFLAGS='"$(CFLAGS_LIB)"' -o $@.tmp.$$$$ $< -lm \
 	    && mv -f $@.tmp.$$$$ $@ || { rm -f $@.tmp.$$$$; exit 1; }
 
@@ -83,10 +85,16 @@ $(LIB): $(LIB_SRC)
 # queue instead of interleaving (the second then finds its outputs up to date).
 LOCKED := data train validate export lamarr-lib parity
 LOCK   := $(W)/.effgen.lock
+SELF   := $(firstword $(MAKEFILE_LIST))
+DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 ifndef EFFGEN_HOLDS_LOCK
 $(LOCKED):
+ifeq ($(DRY_RUN),)
 	@mkdir -p $(W) && { flock -n $(LOCK) true || echo "effgen: waiting for the other run on $(W)"; } \
-	    && EFFGEN_HOLDS_LOCK=1 flock $(LOCK) $(MAKE) --no-print-directory $@
+	    && EFFGEN_HOLDS_LOCK=1 flock $(LOCK) $(MAKE) -f $(SELF) --no-print-directory $@
+else
+	@EFFGEN_HOLDS_LOCK=1 $(MAKE) -f $(SELF) --no-print-directory $@
+endif
 else
 data: $(TRAIN_DIR)/definitions.json
 train: $(MODEL)

@@ -41,7 +41,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's process
         return True
-    return True
+    try:  # a killed process nobody reaped yet is a zombie: it writes nothing more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _remove(p):
@@ -120,11 +123,18 @@ class Outputs:
         directories, moved aside (under a temporary name) for deletion afterwards."""
         replaced = []
         for tmp, path in self._staged:
+            old = None
             if tmp.is_dir() and path.is_dir():
                 old = tmp.with_name(tmp.name + "-old")
                 os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if old is not None and not path.exists():
+                    os.replace(old, path)  # put the old directory back before giving up
+                raise
+            if old is not None:
                 replaced.append(old)
-            os.replace(tmp, path)
         self._staged = []
         return replaced
 

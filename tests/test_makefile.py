@@ -111,7 +111,9 @@ def _load(lib_path, tmp_path):
 def _kill_build(work, when):
     """Start `make lamarr-lib` with only the library to rebuild and SIGKILL the whole
     process group while the compiler runs ("compile") or once the linker has begun
-    writing the per-run temporary library ("link"). Returns the temporaries seen."""
+    writing the per-run temporary library ("link"). Returns whether make was still
+    running, and the temporaries the kill left (for "link": proof it came before the
+    rename)."""
     paths = _paths(work)
     old = paths["src"].stat().st_mtime - 60
     os.utime(paths["lib"], (old, old))
@@ -129,7 +131,7 @@ def _kill_build(work, when):
     if alive:
         os.killpg(proc.pid, signal.SIGKILL)
     _finish(proc)
-    return alive, tmp
+    return alive, list(paths["lamarr"].glob("efficiency.so.tmp.*"))
 
 
 def _group_pids(pgid):
@@ -163,11 +165,11 @@ def test_killed_build_keeps_the_old_library_and_the_next_run_completes(concurren
 
     # The link window is a few milliseconds; retry until a kill lands inside it.
     for _attempt in range(5):
-        alive, tmp = _kill_build(work, when)
-        if alive and (tmp or when == "compile"):
+        alive, left = _kill_build(work, when)
+        if alive and (left or when == "compile"):
             break
     assert alive, "make finished before it could be killed"
-    assert when == "compile" or tmp, "never caught the linker writing the temporary library"
+    assert when == "compile" or left, "never killed the build between link and rename"
 
     assert sha256_of(paths["lib"]) == before
     np.testing.assert_array_equal(_load(paths["lib"], tmp_path).batch(rows), expected)

@@ -2,6 +2,7 @@
 templates and the C harness, kept at the repository root in a checkout."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,9 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the tracked files: setuptools writes build/ into the source
+    # tree, which is also make's default work directory.
+    out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
+                             capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(REPO)],
+                    "--no-build-isolation", "-w", str(out), str(src)],
                    check=True, capture_output=True, cwd=out)
     (path,) = out.glob("effgen-*.whl")
     return path
