@@ -24,6 +24,7 @@ import os
 import sqlite3
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,9 @@ def _pipeline(db, library_path, symbol, echo_path):
     return algs
 
 
+_SQLAMARR_SETUP = threading.Lock()
+
+
 def _run_one(library_path, symbol, hepmc_paths, db_path, seed, echo_path):
     """Load files into a fresh database file and run the step on it (one connection)."""
     import SQLamarr
@@ -213,11 +217,16 @@ def _run_one(library_path, symbol, hepmc_paths, db_path, seed, echo_path):
     for stale in (db_path, db_path.with_name(db_path.name + "-journal")):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
-    db = SQLamarr.SQLite3DB(str(db_path)).seed(int(seed))
-    loader = SQLamarr.HepMC2DataLoader(db)
-    for run, path in enumerate(hepmc_paths):
-        loader.load(str(path), 0, run)
-    algs = _pipeline(db, library_path, symbol, echo_path)
+    # libSQLamarr splits its ';'-separated name lists (and may tokenise more) with
+    # strtok, whose state is global: set-up in two threads at once corrupted a Plugin's
+    # column names (seen: "no such column: eff.upstream"). Only the execution, what
+    # Lamarr runs per thread, goes concurrently.
+    with _SQLAMARR_SETUP:
+        db = SQLamarr.SQLite3DB(str(db_path)).seed(int(seed))
+        loader = SQLamarr.HepMC2DataLoader(db)
+        for run, path in enumerate(hepmc_paths):
+            loader.load(str(path), 0, run)
+        algs = _pipeline(db, library_path, symbol, echo_path)
     failure = None
     try:
         SQLamarr.Pipeline(algs).execute()
