@@ -101,9 +101,7 @@ class Outputs:
     @contextlib.contextmanager
     def file(self, path, mode="wb"):
         """A file object to write what will replace `path`; flushed to disk when closed."""
-        tmp = self._stage(Path(path), _mkstemp)
-        os.chmod(tmp, _umask_mode(0o666))
-        with open(tmp, mode) as f:
+        with open(self.path(path), mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

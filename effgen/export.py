@@ -26,7 +26,7 @@ def sha256_of(path) -> str:
     return h.hexdigest()
 
 
-def check_provenance(model_path, preprocessing_path) -> bool:
+def check_provenance(model_path, model_sha256, preprocessing_path, preprocessing_sha256) -> bool:
     """Refuse a preprocessing other than the one the model was trained behind, when the
     training history beside the model (history.json, naming this model's sha256) says
     which; same-width preprocessings would otherwise export silently wrong physics.
@@ -38,12 +38,12 @@ def check_provenance(model_path, preprocessing_path) -> bool:
         recorded = json.loads(history.read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(recorded, dict) or recorded.get("model_sha256") != sha256_of(model_path):
+    if not isinstance(recorded, dict) or recorded.get("model_sha256") != model_sha256:
         return False  # no history, or the history of another model
     want = recorded.get("preprocessing_sha256")
     if want is None:
         return False
-    got = sha256_of(preprocessing_path)
+    got = preprocessing_sha256
     if got != want:
         raise ExportError(
             f"model {model_path} was trained on features made by a preprocessing with sha256 "
@@ -87,7 +87,10 @@ def export(model_path, preprocessing_path, output_dir, *, backend="effgen", symb
         raise FileNotFoundError(f"preprocessing {preprocessing_path} does not exist (run `effgen preprocess`)")
     ct = load_preprocessing(preprocessing_path)
     model = _load_model(model_path)
-    provenance_checked = check_provenance(model_path, preprocessing_path)
+    hashes = {"model_sha256": sha256_of(model_path),
+              "preprocessing_sha256": sha256_of(preprocessing_path)}
+    provenance_checked = check_provenance(model_path, hashes["model_sha256"], preprocessing_path,
+                                          hashes["preprocessing_sha256"])
     n_model = int(model.inputs[0].shape[-1])
     n_pre = preprocessing_width(ct)
     if n_model != n_pre:
@@ -103,8 +106,7 @@ def export(model_path, preprocessing_path, output_dir, *, backend="effgen", symb
         chain = read_chain(model, n_outputs=len(schema.OUTPUTS))
     except UnsupportedModelError as err:
         raise UnsupportedModelError(f"{model_path}: {err}") from err
-    manifest = {"model_sha256": sha256_of(model_path), "model_file": model_path.name,
-                "preprocessing_sha256": sha256_of(preprocessing_path),
+    manifest = {**hashes, "model_file": model_path.name,
                 "trained_with_this_preprocessing": "checked" if provenance_checked else "unknown"}
 
     if backend == "effgen":

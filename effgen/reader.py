@@ -79,6 +79,15 @@ def check_schema(file, sch: pa.Schema, columns):
             raise DataError(f"{file}: column '{name}' is not numeric ({sch.field(idx).type})")
 
 
+def check_finite(file, name, values):
+    """DataError naming the file, column, count and first row of any NaN / inf."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise DataError(f"{file}: column '{name}' has {int(bad.sum())} non-finite values "
+                        f"(first at row {first}: {values[first]})")
+
+
 def open_shard(file):
     """(schema, n_rows) of one shard, from its Arrow footer; DataError if unusable."""
     try:
@@ -288,10 +297,7 @@ class FeatherReader:
         for file in tqdm(self.data_files, desc=f"validate {self.path.name}", disable=not progress):
             data = self._read(file, self.features + self.labels)
             for name, values in data.items():
-                bad = ~np.isfinite(values)
-                if bad.any():
-                    raise DataError(f"{file}: column '{name}' has {int(bad.sum())} non-finite "
-                                    f"values (first at row {int(np.argmax(bad))})")
+                check_finite(file, name, values)
             rows += len(data[self.features[0]])
         return rows
 

@@ -7,7 +7,6 @@ A killed run leaves its temporaries (`.<name>.tmp-<host>-<pid>-<random>`, beside
 output); the next run staging the same output removes them, as their process is gone.
 """
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from effgen import preprocess, synth
+from effgen.export import sha256_of
 from effgen.reader import FeatherReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,10 +54,6 @@ def _run_cli(args):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def _sha(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _hidden(d):
     """Dot-named entries of `d`: where temporaries live."""
     d = Path(d)
@@ -86,14 +82,14 @@ def test_synth_killed_mid_write(tmp_path, previous, moment):
     out = tmp_path / "sample.feather"
     if previous:
         synth.write_sample(out, 20_000, 1, progress=False)
-        before = _sha(out)
+        before = sha256_of(out)
     min_size = {"created": 0, "half": 32 << 20}[moment]
     args = ["synth", "--n", SYNTH_N, "--seed", 2, "--output", out]
     args += ["--force"] if previous else []
 
     _kill_when(args, lambda: any(s >= min_size for s in _temps(tmp_path, out.name).values()))
     if previous:
-        assert _sha(out) == before
+        assert sha256_of(out) == before
         assert preprocess.open_sample(out).num_rows == 20_000
     else:
         assert not out.exists()
@@ -126,7 +122,7 @@ def _state(data, pre):
              for p in (data / split).rglob("*") if p.is_file()}
     if pre.exists():
         files[pre.name] = pre
-    return {k: _sha(v) for k, v in sorted(files.items())}
+    return {k: sha256_of(v) for k, v in sorted(files.items())}
 
 
 def _rows(data):
@@ -221,12 +217,12 @@ def test_export_killed_while_writing_the_source(models, tmp_path, backend):
     # loaded machine the poller can miss it and the export ends by itself; then retry.
     for _attempt in range(5):
         paths = export(old, pre, out, backend=backend)
-        before = {k: _sha(p) for k, p in paths.items()}
+        before = {k: sha256_of(p) for k, p in paths.items()}
         if _kill_when(args, lambda: bool(_temps(out, "efficiency.c")), poll=5e-4, must=False):
             break
     else:
         pytest.fail("the export ended by itself in 5 tries before it could be killed")
-    killed = {k: _sha(p) for k, p in paths.items()}
+    killed = {k: sha256_of(p) for k, p in paths.items()}
     if killed == before:  # else the kill landed after the commit
         assert _hidden(out), "the killed run's temporary should still be there"
     check_library(compile_shared(paths["source"], tmp_path / "killed.so"), "efficiency")
@@ -234,7 +230,7 @@ def test_export_killed_while_writing_the_source(models, tmp_path, backend):
     # The next run, in-process to spare a second TensorFlow start (the CLI only parses
     # its arguments and calls export()).
     export(new, pre, out, backend=backend)
-    after = {k: _sha(p) for k, p in paths.items()}
+    after = {k: sha256_of(p) for k, p in paths.items()}
     assert after != before
     if killed not in (before, after):
         # The one window renames cannot close: the kill landed between the back-to-back
@@ -243,7 +239,7 @@ def test_export_killed_while_writing_the_source(models, tmp_path, backend):
         # repairs the pair (checked just below).
         assert killed == {"source": before["source"], "header": after["header"]}, \
             "the .c and .h are neither a whole export nor the known commit window"
-    assert _sha(new) in paths["source"].read_text() and _sha(new) in paths["header"].read_text()
+    assert sha256_of(new) in paths["source"].read_text() and sha256_of(new) in paths["header"].read_text()
     assert (out / "efficiency.so").read_bytes() == b"built earlier"
     assert _hidden(out) == [], "stale temporaries were not swept"
 
