@@ -45,6 +45,8 @@ $(STAMP): pyproject.toml
 	    $(VENV)/bin/pip install -q -e ".[test,bench]" && touch $@; }'
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check effgen tests
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q tests
 
 # ---- the main job -----------------------------------------------------------------
@@ -102,7 +104,7 @@ validate: $(REPORT)
 export: $(LIB_SRC)
 
 lamarr-lib: $(REPORT) $(LIB)
-	$(EFFGEN) export --describe $(LIB)
+	$(EFFGEN) describe $(LIB)
 
 parity: $(LIB)
 	$(EFFGEN) parity --library $(LIB)

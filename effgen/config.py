@@ -4,6 +4,8 @@ notebook's environment variables honoured as defaults for CLI flags."""
 import os
 from pathlib import Path
 
+from effgen.errors import ConfigError
+
 
 def workdir() -> Path:
     """Root of every default output (never /tmp): $EFFGEN_WORKDIR or ./build."""
@@ -21,7 +23,7 @@ def env_int(name: str, default: int) -> int:
     try:
         return int(float(raw))
     except ValueError:
-        raise SystemExit(f"effgen: environment variable {name}={raw!r} is not an integer")
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
 def env_float(name: str, default: float) -> float:
@@ -31,7 +33,7 @@ def env_float(name: str, default: float) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise SystemExit(f"effgen: environment variable {name}={raw!r} is not a number")
+        raise ConfigError(f"environment variable {name}={raw!r} is not a number") from None
 
 
 # Default locations of each stage's outputs, relative to workdir().

@@ -6,8 +6,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # SQLamarr must load before TensorFlow: TF bundles its own SQLite, which would otherwise
 # serve SQLamarr's calls (it lacks log10/sqrt) when both live in one pytest process.
-import SQLamarr  # noqa: E402,F401
 import pytest  # noqa: E402
+import SQLamarr  # noqa: E402,F401
 
 TINY_ROWS = 20_000
 TINY_SEED = 3
@@ -20,7 +20,7 @@ def tiny_dataset(tmp_path_factory):
 
     Returns {"sample", "train", "test", "validation", "preprocessing", "root"} paths
     plus "rows" ({split: row count}) and "seed"."""
-    from effgen import preprocess, synth
+    from effgen.data import preprocess, synth
 
     root = tmp_path_factory.mktemp("tiny_dataset")
     sample = root / "sample.feather"

@@ -8,60 +8,19 @@ import subprocess
 
 import numpy as np
 import pytest
+from support import CORE, build_abi_library, lamarr_sum, rows_for_probabilities
 
-from effgen.abi import exported_names, python_track_type, render_abi
-from effgen.compile import (Library, check_library, compile_shared, exported_symbols,
-                            undefined_symbols)
+from effgen.codegen.abi import exported_names, python_track_type, render_abi
+from effgen.codegen.native import check_library, exported_symbols, undefined_symbols
 
-CORE = """
-static void test_core(float *out, const float *in)
-{
-    int k;
-    for (k = 0; k < 4; ++k)
-        out[k] = in[k] + (in[k + 4] * in[k + 8] - in[k + 4] * in[k + 8]);
-}
-"""
-CORE_BATCH = CORE + """
-static void test_core_batch(float *out, const float *in, long n)
-{
-    long r;
-    for (r = 0; r < n; ++r)
-        test_core(out + 4 * r, in + 12 * r);
-}
-"""
 PEDANTIC = ("-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-pedantic")
 OUTPUTS = ["not_recoed", "long", "upstream", "downstream"]
 NAMES = [f"f{i}" for i in range(12)]
 
 
-def _build(tmp_path, symbol="eff2", has_batch=False):
-    src, hdr = render_abi(CORE_BATCH if has_batch else CORE, "test_core", symbol=symbol,
-                          n_inputs=12, input_names=NAMES, output_names=OUTPUTS,
-                          manifest={"backend": "test", "model_sha256": "00ff"},
-                          has_batch=has_batch)
-    (tmp_path / f"{symbol}.c").write_text(src)
-    (tmp_path / f"{symbol}.h").write_text(hdr)
-    so = compile_shared(tmp_path / f"{symbol}.c", tmp_path / f"lib{symbol}.so", cflags=PEDANTIC)
-    return Library(so, symbol)
-
-
 @pytest.fixture(scope="module", params=[False, True], ids=["row-loop", "core-batch"])
 def lib(request, tmp_path_factory):
-    return _build(tmp_path_factory.mktemp("abi"), has_batch=request.param)
-
-
-def _rows(p):
-    """Inputs whose core output is exactly the float32 rows `p` (n x 4)."""
-    x = np.zeros((len(p), 12), dtype=np.float32)
-    x[:, :4] = p
-    return x
-
-
-def _lamarr_sum(p):
-    s = p[:, 0].copy()
-    for a in (np.float32(0), np.float32(0), p[:, 1], p[:, 2]):
-        s = (s + a).astype(np.float32)
-    return s
+    return build_abi_library(tmp_path_factory.mktemp("abi"), has_batch=request.param)
 
 
 def _awkward_probabilities(n, seed=0):
@@ -93,17 +52,17 @@ def test_manifest_is_json_with_names_and_build_info(lib):
 
 def test_valid_probabilities_pass_unchanged(lib):
     p = np.random.default_rng(1).dirichlet([1, 1, 1, 1], size=5000).astype(np.float32)
-    p = p[_lamarr_sum(p) <= 1]
-    np.testing.assert_array_equal(lib.batch(_rows(p)), p)
-    np.testing.assert_array_equal(lib.per_call(_rows(p[:500])), p[:500])
+    p = p[lamarr_sum(p) <= 1]
+    np.testing.assert_array_equal(lib.batch(rows_for_probabilities(p)), p)
+    np.testing.assert_array_equal(lib.per_call(rows_for_probabilities(p[:500])), p[:500])
 
 
 def test_lamarr_sum_never_exceeds_one_and_fix_is_minimal(lib):
     p = _awkward_probabilities(20000)
-    over = _lamarr_sum(p) > 1
+    over = lamarr_sum(p) > 1
     assert over.sum() > 1000  # the test data does exercise the fix-up
-    out = lib.batch(_rows(p))
-    assert (_lamarr_sum(out) <= 1).all()
+    out = lib.batch(rows_for_probabilities(p))
+    assert (lamarr_sum(out) <= 1).all()
     np.testing.assert_array_equal(out[~over], p[~over])
     np.testing.assert_array_equal(out[:, 3], p[:, 3])
     changed = out != p
@@ -114,21 +73,21 @@ def test_lamarr_sum_never_exceeds_one_and_fix_is_minimal(lib):
     undo = out[over].copy()
     rows = np.arange(len(undo))
     undo[rows, largest[over]] = np.nextafter(undo[rows, largest[over]], np.float32(2))
-    assert (_lamarr_sum(undo) > 1).all()
-    np.testing.assert_array_equal(lib.per_call(_rows(p[:2000])), out[:2000])
+    assert (lamarr_sum(undo) > 1).all()
+    np.testing.assert_array_equal(lib.per_call(rows_for_probabilities(p[:2000])), out[:2000])
 
 
 def test_values_are_clamped_to_unit_interval(lib):
     p = np.array([[-0.5, 0.2, 0.3, 1.5], [1.5, -1, -2, 0.5], [-np.inf, np.inf, 0, 0]],
                  dtype=np.float32)
-    out = lib.batch(_rows(p))
-    assert ((out >= 0) & (out <= 1)).all() and (_lamarr_sum(out) <= 1).all()
+    out = lib.batch(rows_for_probabilities(p))
+    assert ((out >= 0) & (out <= 1)).all() and (lamarr_sum(out) <= 1).all()
     np.testing.assert_array_equal(out[0], np.float32([0, 0.2, 0.3, 1]))
     np.testing.assert_array_equal(out[1], np.float32([1, 0, 0, 0.5]))
 
 
 def test_nan_input_anywhere_gives_not_recoed(lib):
-    x = _rows(np.full((12, 4), 0.25, dtype=np.float32))
+    x = rows_for_probabilities(np.full((12, 4), 0.25, dtype=np.float32))
     x[np.arange(12), np.arange(12)] = np.nan
     expected = np.tile(np.float32([1, 0, 0, 0]), (12, 1))
     np.testing.assert_array_equal(lib.batch(x), expected)
@@ -137,7 +96,7 @@ def test_nan_input_anywhere_gives_not_recoed(lib):
 
 
 def test_nan_from_the_core_gives_not_recoed(lib):
-    x = _rows(np.full((4, 4), 0.25, dtype=np.float32))
+    x = rows_for_probabilities(np.full((4, 4), 0.25, dtype=np.float32))
     x[np.arange(4), 4 + np.arange(4)] = np.finfo(np.float32).max  # overflow: inf - inf
     x[np.arange(4), 8 + np.arange(4)] = 2
     expected = np.tile(np.float32([1, 0, 0, 0]), (4, 1))
@@ -148,7 +107,7 @@ def test_nan_from_the_core_gives_not_recoed(lib):
 def test_infinite_inputs_are_taken_as_the_largest_float(lib):
     big = np.finfo(np.float32).max
     p = np.full((6, 4), 0.25, dtype=np.float32)
-    x = _rows(p)
+    x = rows_for_probabilities(p)
     x[0, 4], x[1, 8], x[2, 5], x[3, 9], x[4, 4:8] = np.inf, np.inf, -np.inf, -np.inf, np.inf
     x[5, 4:8], x[5, 8:] = np.inf, 2
     clamped = np.clip(x, -big, big)
@@ -168,13 +127,13 @@ def test_batch_of_zero_rows_writes_nothing(lib):
 def test_track_type_matches_python_reference(lib):
     rng = np.random.default_rng(2)
     p = _awkward_probabilities(4000, seed=3)
-    x = _rows(p)
+    x = rows_for_probabilities(p)
     probs = lib.batch(x)
     below_one = np.nextafter(np.float32(1), np.float32(0))
     edge = np.array([0, below_one, 1e-30], dtype=np.float32)
     for r in [rng.random(len(x), dtype=np.float32), *edge,
-              probs[:, 0], _lamarr_sum(probs),                  # r exactly on a cumulative sum
-              np.nextafter(_lamarr_sum(probs), np.float32(0))]:
+              probs[:, 0], lamarr_sum(probs),                  # r exactly on a cumulative sum
+              np.nextafter(lamarr_sum(probs), np.float32(0))]:
         got = lib.track_type(x, r)
         np.testing.assert_array_equal(got, python_track_type(probs, r))
         assert set(np.unique(got)) <= {0, 3, 4, 5}
@@ -191,7 +150,7 @@ def test_python_track_type_follows_random_category():
 
 
 def test_symbol_parameter_and_header_match_the_library(tmp_path):
-    lib = _build(tmp_path, symbol="eff_other")
+    lib = build_abi_library(tmp_path, symbol="eff_other")
     assert exported_symbols(lib.path) == sorted(exported_names("eff_other"))
     prog = tmp_path / "main.c"
     prog.write_text("""

@@ -12,75 +12,32 @@ keras = pytest.importorskip("keras")
 
 from sklearn.compose import ColumnTransformer
 from sklearn.preprocessing import FunctionTransformer, QuantileTransformer, StandardScaler
+from support import edge_values, fit_preprocessing, raw_features, seed_like_model
 
-from effgen.abi import python_track_type
-from effgen.codegen import (generate, generate_activations, generate_preprocessing,
-                            network_function)
-from effgen.compile import Library, check_library, compile_shared
-from effgen.graph import evaluate, read_chain
-from effgen.preprocessing_ir import (Output, PreprocessingIR, UnsupportedPreprocessingError,
-                                     read_preprocessing)
+from effgen.codegen.abi import python_track_type
+from effgen.codegen.backends.effgen_c import (
+    generate,
+    generate_activations,
+    generate_preprocessing,
+    network_function,
+)
+from effgen.codegen.graph import evaluate, read_chain
+from effgen.codegen.native import Library, check_library, compile_shared
+from effgen.codegen.preprocessing_ir import (
+    Output,
+    PreprocessingIR,
+    UnsupportedPreprocessingError,
+    read_preprocessing,
+)
 
 PEDANTIC = ["-std=c99", "-O3", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-pedantic"]
 TOL = 1e-5  # value parity with the framework (DOMAIN.md section 6)
-
-
-def raw_features(n, seed):
-    """Plausible raw rows in schema order, with a few awkward columns: a discrete z
-    (repeated quantiles) and a spike at exactly 0 in tx."""
-    rng = np.random.default_rng(seed)
-    x = np.empty((n, 12), dtype=np.float32)
-    x[:, 0:2] = rng.normal(0, 0.03, (n, 2))
-    displaced = rng.random(n) < 0.15
-    x[:, 2] = np.where(displaced, rng.uniform(-300, 2500, n), rng.normal(0, 45, n))
-    x[:, 2] = np.where(rng.random(n) < 0.2, np.round(x[:, 2] / 100) * 100, x[:, 2])
-    x[:, 3] = rng.normal(3.7, 0.5, n)
-    x[:, 4:6] = rng.normal(0, 0.1, (n, 2))
-    x[:, 4] = np.where(rng.random(n) < 0.3, 0.0, x[:, 4])
-    x[:, 6] = rng.uniform(1.5, 6, n)
-    x[:, 7] = rng.uniform(-np.pi, np.pi, n)
-    species = rng.integers(0, 3, n)
-    x[:, 8], x[:, 9], x[:, 10] = species == 0, species == 1, species == 2
-    x[:, 11] = rng.choice([-1, 1], n)
-    return x
-
-
-def fit_preprocessing(n=20000, seed=0, n_quantiles=1000):
-    ct = ColumnTransformer([
-        ("quantile", QuantileTransformer(output_distribution="normal", n_quantiles=n_quantiles),
-         list(range(8))),
-        ("flags", "passthrough", [8, 9, 10, 11])])
-    return ct.fit(raw_features(n, seed))
-
-
-def seed_like_model(width=64, blocks=5, seed=0):
-    keras.utils.set_random_seed(seed)
-    init = "he_normal"
-    inp = keras.layers.Input((12,))
-    x = keras.layers.Dense(width, activation="tanh", kernel_initializer=init)(inp)
-    for _ in range(blocks):
-        x = keras.layers.Add()([x, keras.layers.Dense(width, activation="tanh",
-                                                       kernel_initializer=init)(x)])
-    x = keras.layers.Dense(4, kernel_initializer=init, bias_initializer="random_normal")(x)
-    return keras.Model(inp, keras.layers.Softmax()(x))
 
 
 def build(tmp_path, source, name, cflags=PEDANTIC):
     c = tmp_path / f"{name}.c"
     c.write_text(source)
     return compile_shared(c, tmp_path / f"{name}.so", cflags=cflags)
-
-
-def edge_values(q):
-    """Raw values that probe np.interp: every knot exactly, midpoints, one float ulp
-    either side of each knot, outside the range, and +-inf."""
-    q32 = np.unique(q.astype(np.float32))
-    mids = ((q32[1:].astype(np.float64) + q32[:-1]) / 2).astype(np.float32)
-    span = float(q32[-1] - q32[0]) or 1.0
-    outside = np.float32([q32[0] - span, q32[-1] + span, q32[0] - 1e-7, q32[-1] + 1e-7,
-                          np.inf, -np.inf, 3e38, -3e38])
-    return np.concatenate([q32, mids, np.nextafter(q32, np.float32(np.inf)),
-                           np.nextafter(q32, np.float32(-np.inf)), outside])
 
 
 # ---- preprocessing -------------------------------------------------------------------

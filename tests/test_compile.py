@@ -10,12 +10,22 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras")
 
-from effgen.cli import main
-from effgen.compile import (DEFAULT_CFLAGS, CompileError, Library, check_library, compile_shared,
-                            exported_symbols, undefined_symbols)
-from effgen.export import ExportError, describe, export, sha256_of
+from support import fit_preprocessing, raw_features, seed_like_model
 
-from test_codegen import fit_preprocessing, raw_features, seed_like_model
+from effgen.checks.describe import describe
+from effgen.cli import main
+from effgen.codegen.export import ExportError, export
+from effgen.codegen.native import (
+    DEFAULT_CFLAGS,
+    CompileError,
+    Library,
+    check_library,
+    compile_shared,
+    exported_symbols,
+    undefined_symbols,
+)
+from effgen.errors import ProvenanceError
+from effgen.provenance import sha256_of
 
 
 def test_compile_error_carries_compiler_output(tmp_path):
@@ -129,7 +139,7 @@ def test_export_checks_the_preprocessing_the_model_was_trained_behind(tmp_path, 
                                        "preprocessing_sha256": sha256_of(tx_path)}))
 
     record(sha256_of(model_path))
-    with pytest.raises(ExportError, match=rf"model {model_path} was trained .*"
+    with pytest.raises(ProvenanceError, match=rf"model {model_path} was trained .*"
                                           rf"{sha256_of(tx_path)[:16]}.*{other_tx}"):
         export(model_path, other_tx, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()

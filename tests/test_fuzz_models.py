@@ -29,13 +29,11 @@ keras = pytest.importorskip("keras")
 
 from sklearn.compose import ColumnTransformer
 from sklearn.preprocessing import QuantileTransformer
+from support import build_abi_library, edge_values, lamarr_sum, raw_features, rows_for_probabilities
 
-from effgen.compile import Library, compile_shared
-from effgen.export import export
-from effgen.graph import ACTIVATIONS, UnsupportedModelError, read_chain
-
-from test_abi import _build as build_abi_library, _lamarr_sum, _rows as abi_rows
-from test_codegen import edge_values, raw_features
+from effgen.codegen.export import export
+from effgen.codegen.graph import ACTIVATIONS, UnsupportedModelError, read_chain
+from effgen.codegen.native import Library, compile_shared
 
 # Keras' own noise: quantize() skipping layers without weights; model.save() converting
 # variables with np.array(x).
@@ -242,7 +240,8 @@ def fuzz_rows(ct, pre, rng, n=1500):
     nan = x[:24].copy()
     nan[np.arange(24), np.arange(24) % 12] = np.nan
     blocks.append(nan)
-    used = set(pre["quantile"]) | set(pre["flags"]) | (set(range(8, 12)) if pre["remainder"] == "passthrough" else set())
+    remainder = set(range(8, 12)) if pre["remainder"] == "passthrough" else set()
+    used = set(pre["quantile"]) | set(pre["flags"]) | remainder
     dropped = sorted(set(range(12)) - used)
     if dropped:
         inf = x[:2 * len(dropped)].copy()
@@ -374,7 +373,7 @@ def test_drawn_models_agree_with_tensorflow_in_both_backends(tmp_path_factory, a
         assert err.max() <= EFFGEN_TOL, (
             f"effgen: max |C - TF| = {err.max():.3g} on row {x[worst].tolist()}: "
             f"C {got[worst].tolist()} TF {reference[worst].tolist()}")
-        assert ((got >= 0) & (got <= 1)).all() and (_lamarr_sum(got) <= 1).all()
+        assert ((got >= 0) & (got <= 1)).all() and (lamarr_sum(got) <= 1).all()
         np.testing.assert_array_equal(lib.per_call(x[:37]), got[:37])  # tiles and remainders
 
         if not chain.ops or type(chain.ops[0]).__name__ == "Softmax":
@@ -390,7 +389,7 @@ def test_drawn_models_agree_with_tensorflow_in_both_backends(tmp_path_factory, a
             assert ok.mean() > 0.5
             serr = np.abs(sgot[~nan][ok] - reference[~nan][ok])
             assert serr.max() <= SCIKINC_TOL, f"scikinc: max |C - TF| = {serr.max():.3g}"
-            assert ((sgot >= 0) & (sgot <= 1)).all() and (_lamarr_sum(sgot) <= 1).all()
+            assert ((sgot >= 0) & (sgot <= 1)).all() and (lamarr_sum(sgot) <= 1).all()
             scikinc = f"{serr.max():.2g} on {ok.sum()} rows"
         hidden = spec["hidden"]
         SEEN["values"].append({
@@ -583,15 +582,15 @@ def test_lamarr_fixup_is_the_documented_ulp_walk_for_any_excess(identity_abi):
     @settings(FUZZ, max_examples=examples)
     @given(p=hnp.arrays(np.float32, (16, 4), elements=PROBABILITY))
     def check(p):
-        out = identity_abi.batch(abi_rows(p))
-        np.testing.assert_array_equal(identity_abi.per_call(abi_rows(p)), out)
+        out = identity_abi.batch(rows_for_probabilities(p))
+        np.testing.assert_array_equal(identity_abi.per_call(rows_for_probabilities(p)), out)
         clipped = np.clip(p, 0, 1)
-        assert (_lamarr_sum(out) <= 1).all()
+        assert (lamarr_sum(out) <= 1).all()
         np.testing.assert_array_equal(out[:, 3], clipped[:, 3])
         for row_in, row in zip(clipped, out):
             lowered = np.flatnonzero(row[:3] != row_in[:3])
             if not len(lowered):
-                assert _lamarr_sum(row_in[None])[0] <= 1
+                assert lamarr_sum(row_in[None])[0] <= 1
                 continue
             top = row[:3].max()
             t = np.nextafter(top, np.float32(0))
@@ -604,7 +603,7 @@ def test_lamarr_fixup_is_the_documented_ulp_walk_for_any_excess(identity_abi):
                 prev[max(low)] = top
             else:     # a level just completed: its last value was one ulp higher
                 prev[max(lowered)] = np.nextafter(top, np.float32(2))
-            assert _lamarr_sum(prev[None])[0] > 1
+            assert lamarr_sum(prev[None])[0] > 1
         ran.append(len(p))
 
     check()

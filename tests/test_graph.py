@@ -5,7 +5,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from effgen.graph import Dense, Residual, Softmax, UnsupportedModelError, evaluate, read_chain
+from effgen.codegen.graph import Dense, Residual, Softmax, UnsupportedModelError, evaluate, read_chain
 
 
 def _seed_like(width=16, blocks=2, swap_operands=False, dropout=False):

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from effgen import preprocess, synth
-from effgen.export import sha256_of
-from effgen.reader import FeatherReader
+from effgen import provenance
+from effgen.data import preprocess, synth
+from effgen.data.reader import FeatherReader
+from effgen.provenance import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -167,7 +168,7 @@ def test_preprocess_killed_mid_way(samples, tmp_path, previous, moment):
         assert _hidden(data), "the killed run's temporaries should still be there"
         if previous:  # readable as before, the half-written shards beside it unseen
             assert _rows(data) == rows_before
-            preprocess.load_preprocessing(pre)
+            provenance.load_preprocessing(pre, n_features=12)
 
     _run_cli(args)
     after = _state(data, pre)
@@ -180,7 +181,7 @@ def test_preprocess_killed_mid_way(samples, tmp_path, previous, moment):
         assert all(f.parent == data / split and f.name.startswith("part-") for f in r.data_files)
         total += r.n_rows
     assert total == PRE_N
-    preprocess.load_preprocessing(pre)
+    provenance.load_preprocessing(pre, n_features=12)
     assert _hidden(data) == [] and _hidden(pre.parent) == [], "stale temporaries were not swept"
 
 
@@ -192,7 +193,7 @@ def models(tmp_path_factory):
     (production-sized, so that writing its .c takes a few milliseconds)."""
     import pickle
 
-    from test_codegen import fit_preprocessing, seed_like_model
+    from support import fit_preprocessing, seed_like_model
 
     d = tmp_path_factory.mktemp("kill_models")
     seed_like_model(width=16, blocks=1, seed=1).save(d / "old.keras")
@@ -204,8 +205,8 @@ def models(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", ["effgen", "scikinc"])
 def test_export_killed_while_writing_the_source(models, tmp_path, backend):
-    from effgen.compile import check_library, compile_shared
-    from effgen.export import export
+    from effgen.codegen.export import export
+    from effgen.codegen.native import check_library, compile_shared
 
     old, new, pre = models
     out = tmp_path / "lamarr"

@@ -5,14 +5,14 @@ random_category, the abort on probabilities summing above 1); the project's own
 exported library, from a tiny random-weight model, is then checked against the
 library called directly and against TensorFlow, on the inputs SQLamarr computed."""
 
-import os
 import subprocess
 
 import numpy as np
 import pyarrow.feather as feather
 import pytest
 
-from effgen import lamarr, parity, schema
+from effgen import schema
+from effgen.checks import lamarr, parity
 
 MOCK_C = r"""
 #include <math.h>
@@ -151,9 +151,9 @@ def test_kinematics_reproduce_the_features(sample_rows):
 def project_library(tiny_dataset, tmp_path_factory):
     """A tiny seed-architecture model (random weights), exported and compiled as
     `make lamarr-lib` does."""
-    from effgen.compile import compile_shared
-    from effgen.export import export
-    from effgen.model import build_model
+    from effgen.codegen.export import export
+    from effgen.codegen.native import compile_shared
+    from effgen.training.network import build_model
 
     d = tmp_path_factory.mktemp("project_lib")
     build_model(width=12, n_blocks=2, seed=11).save(d / "model.keras")
@@ -162,8 +162,8 @@ def project_library(tiny_dataset, tmp_path_factory):
 
 
 def test_project_library_inside_lamarr(project_library, tiny_dataset, sample_rows, tmp_path):
-    from effgen.compile import Library
-    from effgen.preprocess import load_preprocessing
+    from effgen.codegen.native import Library
+    from effgen.provenance import load_preprocessing
 
     so, model = project_library
     raw, pid = sample_rows

@@ -14,8 +14,8 @@ import pyarrow.feather as feather
 import pytest
 
 from effgen import schema
-from effgen.compile import Library, check_library
-from effgen.export import sha256_of
+from effgen.codegen.export import sha256_of
+from effgen.codegen.native import Library, check_library
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_KNOBS = ["N_PARTICLES=20000", "BATCH_SIZE=512", "PRE_TRAINING_TIME_LIMIT_SECONDS=2",
@@ -50,7 +50,7 @@ def _paths(work):
 def _tf_reference(paths, rows):
     import keras
 
-    from effgen.preprocessing_ir import load_preprocessing
+    from effgen.codegen.preprocessing_ir import load_preprocessing
 
     pre = load_preprocessing(paths["tx"]).transform(rows.astype(np.float64)).astype(np.float32)
     return keras.saving.load_model(paths["model"], compile=False).predict(pre, verbose=0)
@@ -82,7 +82,7 @@ def test_concurrent_runs_both_succeed_and_the_work_is_done_once(concurrent_runs)
                   "bin/effgen train --resume", "bin/effgen validate",
                   "bin/effgen export --backend", "-o " + str(_paths(work)["lib"])):
         assert logs.count(stage) == 1, (stage, logs[-3000:])
-    assert logs.count("bin/effgen export --describe") == 2
+    assert logs.count("bin/effgen describe") == 2
     assert "waiting for the other run" in logs
 
 

@@ -1,9 +1,8 @@
+import keras
 import numpy as np
 import pytest
 
-import keras
-
-from effgen.model import build_model
+from effgen.training.network import build_model
 
 
 def expected_params(n_features, n_classes, width, n_blocks):

@@ -43,7 +43,7 @@ def test_wheel_ships_every_template_and_harness_file(wheel):
 def test_installed_package_exports_without_the_checkout(wheel, tmp_path):
     import pickle
 
-    from test_codegen import fit_preprocessing, seed_like_model
+    from support import fit_preprocessing, seed_like_model
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -58,8 +58,8 @@ def test_installed_package_exports_without_the_checkout(wheel, tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         return res.stdout
 
-    where = run("-c", "import effgen.abi, effgen.parity as p; "
-                      "print(effgen.abi.templates_dir()); print(p.HARNESS_DIR)").split()
+    where = run("-c", "import effgen.codegen.abi, effgen.checks.parity as p; "
+                      "print(effgen.codegen.abi.templates_dir()); print(p.HARNESS_DIR)").split()
     assert [Path(w) for w in where] == [site / "effgen" / "templates", site / "effgen" / "c_harness"]
     run("-m", "effgen", "export", "--model", "model.keras", "--preprocessing", "tX.pkl",
         "--output-dir", "out")

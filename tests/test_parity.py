@@ -6,7 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from effgen import abi, parity, schema
+from effgen import schema
+from effgen.checks import parity
+from effgen.codegen import abi
 
 TOL = 1e-5
 
@@ -111,7 +113,7 @@ def test_lamarr_safety_and_values_flag_what_lamarr_rejects():
 def tiny_model(tmp_path_factory):
     """A tiny seed-architecture model with random (untrained) weights: parity must hold
     whatever the weights."""
-    from effgen.model import build_model
+    from effgen.training.network import build_model
 
     path = tmp_path_factory.mktemp("tiny_model") / "model.keras"
     build_model(width=12, n_blocks=2, seed=7).save(path)
@@ -148,8 +150,8 @@ def test_sanitizer_build_catches_an_out_of_bounds_read(tiny_model, tiny_dataset,
 
 
 def _export_library(model, preprocessing, out_dir, backend):
-    from effgen.compile import check_library, compile_shared
-    from effgen.export import export
+    from effgen.codegen.export import export
+    from effgen.codegen.native import check_library, compile_shared
 
     paths = export(model, preprocessing, out_dir, backend=backend)
     so = compile_shared(paths["source"], out_dir / "efficiency.so")
@@ -197,7 +199,7 @@ def test_scikinc_library_meets_its_stated_tolerance(tiny_model, tiny_dataset, ra
 
 
 def test_a_library_from_another_model_is_flagged(tiny_model, tiny_dataset, raw_rows, tmp_path):
-    from effgen.model import build_model
+    from effgen.training.network import build_model
 
     so, source = _export_library(tiny_model, tiny_dataset["preprocessing"], tmp_path / "lib", "effgen")
     other = tmp_path / "other.keras"

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pytest
 
-from effgen import preprocess, schema, synth
-from effgen.reader import DataError, FeatherReader
+from effgen import errors, provenance, schema
+from effgen.data import preprocess, synth
+from effgen.data.reader import DataError, FeatherReader
 
 SPLITS = ["train", "test", "validation"]
 
@@ -68,7 +69,7 @@ def test_rows_carry_the_sample_values(sample, frames):
 
 
 def test_features_are_the_saved_preprocessing_of_raw(tiny_dataset, frames):
-    ct = preprocess.load_preprocessing(tiny_dataset["preprocessing"])
+    ct = provenance.load_preprocessing(tiny_dataset["preprocessing"], n_features=12)
     for split in SPLITS:
         _, df = frames[split]
         raw = df[["raw_" + c for c in schema.FEATURES]].to_numpy()
@@ -84,7 +85,7 @@ def test_features_are_the_saved_preprocessing_of_raw(tiny_dataset, frames):
 
 
 def test_preprocessing_is_fitted_on_training_rows_only(tiny_dataset, frames):
-    ct = preprocess.load_preprocessing(tiny_dataset["preprocessing"])
+    ct = provenance.load_preprocessing(tiny_dataset["preprocessing"], n_features=12)
     _, train = frames["train"]
     # 10k training rows <= the QuantileTransformer subsample: row order does not matter.
     refit = preprocess.fit_preprocessing(train[["raw_" + c for c in schema.FEATURES]].to_numpy(),
@@ -140,7 +141,7 @@ def test_deterministic_for_a_seed(small_sample, tmp_path):
 @pytest.mark.filterwarnings("ignore:n_quantiles")  # 1000 quantiles > 500 rows, expected here
 def test_max_fit_rows(small_sample, tmp_path):
     out = _run(small_sample, tmp_path, max_fit_rows=500)
-    ct = preprocess.load_preprocessing(out["preprocessing"])
+    ct = provenance.load_preprocessing(out["preprocessing"], n_features=12)
     assert ct.named_transformers_["quantile"].n_quantiles_ == 500
 
 
@@ -230,22 +231,22 @@ def test_non_finite_sample_values_are_refused_naming_column_and_row(tmp_path):
 def test_load_preprocessing_errors(tmp_path):
     from sklearn.compose import ColumnTransformer
 
-    with pytest.raises(preprocess.PreprocessingError, match=r"missing\.pkl.*missing"):
-        preprocess.load_preprocessing(tmp_path / "missing.pkl")
+    with pytest.raises(errors.PreprocessingError, match=r"missing\.pkl.*missing"):
+        provenance.load_preprocessing(tmp_path / "missing.pkl", n_features=12)
     (tmp_path / "junk.pkl").write_bytes(b"\x00garbage")
-    with pytest.raises(preprocess.PreprocessingError, match=r"junk\.pkl"):
-        preprocess.load_preprocessing(tmp_path / "junk.pkl")
+    with pytest.raises(errors.PreprocessingError, match=r"junk\.pkl"):
+        provenance.load_preprocessing(tmp_path / "junk.pkl", n_features=12)
     (tmp_path / "dict.pkl").write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(preprocess.PreprocessingError, match=r"dict\.pkl.*ColumnTransformer"):
-        preprocess.load_preprocessing(tmp_path / "dict.pkl")
+    with pytest.raises(errors.PreprocessingError, match=r"dict\.pkl.*ColumnTransformer"):
+        provenance.load_preprocessing(tmp_path / "dict.pkl", n_features=12)
     (tmp_path / "unfitted.pkl").write_bytes(pickle.dumps(ColumnTransformer([])))
-    with pytest.raises(preprocess.PreprocessingError, match=r"unfitted\.pkl.*not fitted"):
-        preprocess.load_preprocessing(tmp_path / "unfitted.pkl")
+    with pytest.raises(errors.PreprocessingError, match=r"unfitted\.pkl.*not fitted"):
+        provenance.load_preprocessing(tmp_path / "unfitted.pkl", n_features=12)
     X = np.random.default_rng(0).normal(size=(100, 13))
     ct13 = ColumnTransformer([("p", "passthrough", list(range(13)))]).fit(X)
     preprocess.save_preprocessing(ct13, tmp_path / "13.pkl")
-    with pytest.raises(preprocess.PreprocessingError, match=r"13\.pkl.*13 inputs"):
-        preprocess.load_preprocessing(tmp_path / "13.pkl")
+    with pytest.raises(errors.PreprocessingError, match=r"13\.pkl.*13 inputs"):
+        provenance.load_preprocessing(tmp_path / "13.pkl", n_features=12)
 
 
 def test_cli_defaults(monkeypatch, tmp_path):

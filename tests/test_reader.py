@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pytest
 
-from effgen import preprocess
-from effgen.reader import DataError, FeatherReader
+from effgen.data import preprocess
+from effgen.data.reader import DataError, FeatherReader
 
 FEATURES = ["a", "b", "c"]
 LABELS = ["l0", "l1"]
@@ -264,7 +264,7 @@ def test_dask_is_optional(data_dir, monkeypatch):
 
 def test_benchmark_readers_agree(data_dir):
     """The benchmark's re-implementation of the original reader reads the same rows."""
-    from effgen import bench_data
+    from effgen.bench import data as bench_data
 
     r = FeatherReader(data_dir)
     X, y, _ = _collect(r.as_tf_dataset().batch(300))

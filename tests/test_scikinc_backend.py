@@ -11,16 +11,16 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from effgen import schema, synth
-from effgen.graph import UnsupportedModelError, read_chain
-from effgen.model import build_model
-from effgen.scikinc_backend import (core_function, generate_core, step_function,
-                                    to_sequential)
+from effgen import schema
+from effgen.codegen.backends.scikinc import core_function, generate_core, step_function, to_sequential
+from effgen.codegen.graph import UnsupportedModelError, read_chain
+from effgen.data import synth
+from effgen.training.network import build_model
 
 STRICT = ["gcc", "-std=c99", "-O3", "-fPIC", "-shared", "-Wall", "-Wextra", "-pedantic", "-Werror"]
 
 # Tolerances, measured with the fixtures below (seed-size model, 50k rows of
-# effgen.synth) and then given a margin. Measured: network 1.4e-6; preprocessing
+# effgen.data.synth) and then given a margin. Measured: network 1.4e-6; preprocessing
 # 3.5e-5 for |z| < 3, 4.9e-2 in the far tails; whole function 1.6e-5 on rows whose
 # features all have |z| < 3 (98 % of rows), 3.3e-5 at the 99.9th percentile, 9.3e-3
 # at worst. The tails come from scikinC itself: it maps quantiles onto
@@ -74,7 +74,8 @@ def _test_exports(core_source, core_fn, symbol, n_out):
     """Batch wrappers (the only exported functions) around the core and its steps."""
     pre, net = step_function(symbol, "preprocessing"), step_function(symbol, "network")
     return core_source + f"""
-void t_core(float *o, const float *i, long n) {{ long k; for (k = 0; k < n; ++k) {core_fn}(o + {n_out} * k, i + 12 * k); }}
+void t_core(float *o, const float *i, long n)
+{{ long k; for (k = 0; k < n; ++k) {core_fn}(o + {n_out} * k, i + 12 * k); }}
 void t_pre(float *o, const float *i, long n) {{ long k; for (k = 0; k < n; ++k) {pre}(o + 12 * k, i + 12 * k); }}
 void t_net(float *o, const float *i, long n) {{ long k; for (k = 0; k < n; ++k) {net}(o + {n_out} * k, i + 12 * k); }}
 """
@@ -104,7 +105,7 @@ def seed_case(tmp_path_factory):
 def test_sequential_rewrite_computes_the_functional_model(seed_case):
     z = seed_case["z"][:5000].astype(np.float32)
     seq = to_sequential(read_chain(seed_case["model"]))
-    assert [type(l).__name__ for l in seq.layers] == ["Dense"] + ["ResidualDense"] * 5 + ["Dense", "Softmax"]
+    assert [type(layer).__name__ for layer in seq.layers] == ["Dense"] + ["ResidualDense"] * 5 + ["Dense", "Softmax"]
     np.testing.assert_allclose(seq.predict(z, verbose=0), seed_case["model"].predict(z, verbose=0),
                                rtol=0, atol=1e-6)
 
@@ -196,8 +197,8 @@ def test_symbol_must_be_a_c_identifier():
 
 
 def test_through_the_abi_layer(seed_case, tmp_path):
-    from effgen.abi import render_abi
-    from effgen.compile import Library, check_library, compile_shared
+    from effgen.codegen.abi import render_abi
+    from effgen.codegen.native import Library, check_library, compile_shared
 
     c_source, header = render_abi(
         seed_case["source"], seed_case["core_fn"], symbol="efficiency", n_inputs=12,

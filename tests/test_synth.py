@@ -7,7 +7,8 @@ import pyarrow.feather as feather
 import pytest
 from scipy import stats
 
-from effgen import schema, synth
+from effgen import schema
+from effgen.data import synth
 
 
 def _table(n, seed, chunk_size=1 << 18):

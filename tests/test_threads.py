@@ -4,18 +4,17 @@
 import os
 import pickle
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from effgen.compile import compile_shared
-from effgen.config import shipped_dir
-from effgen.export import export
+from support import fit_preprocessing, raw_features, seed_like_model
 
-from test_codegen import fit_preprocessing, raw_features, seed_like_model
+from effgen.codegen.export import export
+from effgen.codegen.native import compile_shared
+from effgen.config import shipped_dir
 
 DRIVER = shipped_dir("c_harness", "threads.c") / "threads.c"
 

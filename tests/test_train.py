@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from effgen.model import build_model
-from effgen.train import PHASES, RunDir, TimeLimitCallback, checkpoint_dir, run_phases, train
+from effgen.training.network import build_model
+from effgen.training.train import PHASES, RunDir, TimeLimitCallback, checkpoint_dir, run_phases, train
 
 BATCH, STEPS = 256, 5
 
@@ -226,7 +226,7 @@ def test_train_writes_model_history_and_plot(tiny_dataset, tmp_path):
 
     # The saved model is phase 2's best: it reproduces that epoch's validation loss
     # on the same validation batch (the first BATCH rows).
-    from effgen.reader import FeatherReader
+    from effgen.data.reader import FeatherReader
     val = FeatherReader(tiny_dataset["validation"]).as_pandas(max_rows=BATCH)
     x = val[FeatherReader(tiny_dataset["validation"]).features].to_numpy("float32")
     y = val[FeatherReader(tiny_dataset["validation"]).labels].to_numpy("float32")

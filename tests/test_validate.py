@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from effgen import schema
-from effgen.validate import calibration, compute_metrics, log_loss, species_masks, validate
+from effgen.training.validate import calibration, compute_metrics, log_loss, species_masks, validate
 
 
 def _draw(prob, rng):
@@ -88,7 +88,7 @@ def test_metrics_count_rows_that_would_abort_a_lamarr_step():
 
 @pytest.fixture(scope="module")
 def trained(tiny_dataset, tmp_path_factory):
-    from effgen.train import train
+    from effgen.training.train import train
 
     out = tmp_path_factory.mktemp("validate_model") / "model.keras"
     train(tiny_dataset["train"], tiny_dataset["validation"], out, batch_size=512,
@@ -132,7 +132,7 @@ def test_validate_writes_a_self_contained_report(trained, tiny_dataset, tmp_path
 
 
 def test_validate_names_a_missing_model_or_preprocessing(trained, tiny_dataset, tmp_path):
-    from effgen.preprocess import PreprocessingError
+    from effgen.data.preprocess import PreprocessingError
 
     with pytest.raises(FileNotFoundError, match="nope.keras"):
         validate(tmp_path / "nope.keras", tiny_dataset["validation"], tmp_path / "v")

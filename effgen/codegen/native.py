@@ -5,15 +5,14 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from effgen.abi import exported_names
+from effgen.codegen.abi import exported_names
+from effgen.errors import CompileError  # noqa: F401 (re-exported)
 
 # Portable by default: no -ffast-math (it made production objects import glibc's
 # __exp_finite family), no -march=native (the .so dispatches to AVX2/FMA itself).
 DEFAULT_CFLAGS = ("-std=c99", "-O3", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror")
 
 
-class CompileError(RuntimeError):
-    """The C compiler refused a generated file; the message holds its output."""
 
 
 def cflags_macro(cflags) -> str:

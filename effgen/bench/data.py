@@ -1,6 +1,6 @@
 """Reader throughput: effgen's FeatherReader against the seed notebook's design.
 
-    python -m effgen.bench_data [--rows N] [--repeats R]
+    python -m effgen.bench.data [--rows N] [--repeats R]
 
 synthesises and preprocesses a sample under <workdir>/bench/data/ if needed, then
 measures rows/s of `as_tf_dataset().batch(100_000)` on the training split against a
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effgen.reader import FeatherReader
+from effgen.data.reader import FeatherReader
 
 
 def original_tf_dataset(reader: FeatherReader):
@@ -90,7 +90,7 @@ def bench_reader(path, batch_size=100_000, repeats=3, original_max_rows=50_000,
 
 def ensure_dataset(root: Path, rows: int, seed: int = 1) -> Path:
     """A preprocessed sample of `rows` rows under root (made once); its train dir."""
-    from effgen import preprocess, synth
+    from effgen.data import preprocess, synth
 
     data = root / f"rows-{rows}"
     if not (data / "train" / "definitions.json").exists():
@@ -116,7 +116,7 @@ def main(argv=None):
     from effgen.atomic import atomic_file
     from effgen.config import default_paths
 
-    p = argparse.ArgumentParser(prog="python -m effgen.bench_data", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m effgen.bench.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=4_000_000,
                    help="sample size; the benchmark reads its 50%% training split")

@@ -12,16 +12,16 @@ unknown graph is refused instead of miscompiled.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 import numpy as np
+
+from effgen.errors import UnsupportedModelError  # noqa: F401 (re-exported)
 
 ACTIVATIONS = ("linear", "tanh", "sigmoid", "relu", "elu")
 COMPUTE_DTYPES = ("float32", "float64")  # float64 layers: the float32 C stays within 1e-5
 
 
-class UnsupportedModelError(ValueError):
-    """The Keras model cannot be expressed as effgen's chain of operations."""
 
 
 @dataclass
@@ -176,7 +176,7 @@ def read_chain(model, n_outputs=None) -> Chain:
     """Walk `model` from its single output back to its single input; with `n_outputs`,
     also refuse a model giving another number of outputs."""
     try:
-        model.inputs, model.outputs
+        _ = model.inputs, model.outputs
     except AttributeError as err:  # an empty or never-built Sequential
         raise UnsupportedModelError(f"model {model.name!r} has no graph to read ({err}); "
                                     f"give it an Input and at least one layer") from err

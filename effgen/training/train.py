@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from effgen.atomic import atomic_file, atomic_outputs, atomic_path
-from effgen.export import sha256_of
+from effgen.errors import EffgenError
+from effgen.provenance import sha256_of
 
 STATE_FORMAT = 1
 
@@ -130,7 +131,7 @@ def _callback_classes():
 
 
 def __getattr__(name):
-    # `from effgen.train import TimeLimitCallback` works without importing Keras
+    # `from effgen.training.train import TimeLimitCallback` works without importing Keras
     # when this module is merely imported (e.g. by `effgen --help`).
     if name in ("TimeLimitCallback", "ResumableEarlyStopping", "PhaseRecorder"):
         return _callback_classes()[name]
@@ -379,7 +380,7 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
-    from effgen.reader import FeatherReader
+    from effgen.data.reader import FeatherReader
 
     train_reader, val_reader = FeatherReader(train_dir), FeatherReader(validation_dir)
     if (list(train_reader.features), list(train_reader.labels)) != \
@@ -408,7 +409,7 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
     import keras
     import tensorflow as tf
 
-    from effgen.model import build_model
+    from effgen.training.network import build_model
 
     run = RunDir(checkpoint_dir(output_model), fingerprint)
     if resume:
@@ -503,7 +504,7 @@ def _main(args):
     try:
         _run_cli(args)
     except (FileNotFoundError, ValueError) as err:  # DataError is a ValueError
-        raise SystemExit(f"effgen train: {err}")
+        raise EffgenError(str(err)) from err
     return 0
 
 

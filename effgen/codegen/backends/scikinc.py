@@ -21,7 +21,7 @@ libm tanh, softmax in double.
 import functools
 import re
 
-from effgen.graph import Dense, Residual, Softmax, UnsupportedModelError, read_chain
+from effgen.codegen.graph import Dense, Residual, Softmax, UnsupportedModelError, read_chain
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -151,7 +151,7 @@ def scikinc_source(model, preprocessing, *, symbol="efficiency"):
 
     if not _IDENTIFIER.match(symbol):
         raise ValueError(f"symbol {symbol!r} is not a C identifier")
-    from effgen.export import preprocessing_width
+    from effgen.provenance import preprocessing_width
 
     chain = read_chain(model)
     # what the network receives is the preprocessing's output (a ColumnTransformer may

@@ -32,6 +32,7 @@ import numpy as np
 from effgen import schema
 from effgen.atomic import atomic_dir
 from effgen.config import shipped_dir
+from effgen.errors import LamarrError  # noqa: F401 (re-exported)
 
 # Lamarr's efficiency query (PyLamarr's tracking-efficiency step; SQLamarr's example
 # pipeline is the same with log10): column order is the input order of the C function;
@@ -85,8 +86,6 @@ BEAM_E = 6.8e6
 HARNESS_DIR = shipped_dir("c_harness", "lamarr_echo.c")
 
 
-class LamarrError(RuntimeError):
-    pass
 
 
 def pid_from_flags(features) -> np.ndarray:
@@ -368,8 +367,8 @@ def check_against_library(frame, library, symbol="efficiency") -> int:
     """What Lamarr stored against the library called directly on the inputs SQLamarr
     passed (must be identical), and Lamarr's draws against those probabilities
     (parity's goodness-of-fit test). Prints a summary; returns 0 if both hold."""
-    from effgen.compile import Library
-    from effgen.parity import draw_distribution
+    from effgen.checks.parity import draw_distribution
+    from effgen.codegen.native import Library
 
     feats = frame[schema.FEATURES].to_numpy()
     stored = frame[schema.OUTPUTS].to_numpy()

@@ -14,19 +14,18 @@ generator must know which dtype the model's training features were transformed i
 `effgen preprocess` and `effgen parity` transform float64 arrays: that is the default.
 """
 
-import pickle
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List
 
 import numpy as np
+
+from effgen.errors import UnsupportedPreprocessingError  # noqa: F401 (re-exported)
+from effgen.provenance import load_preprocessing
 
 BOUNDS_THRESHOLD = 1e-7  # sklearn.preprocessing._data.BOUNDS_THRESHOLD
 DTYPES = ("float32", "float64")
 
 
-class UnsupportedPreprocessingError(ValueError):
-    """The preprocessing object is not one effgen can compile."""
 
 
 @dataclass
@@ -73,7 +72,7 @@ def _input_indices(cols, n_features, name):
     try:
         idx = np.arange(n_features)[cols]
     except (IndexError, TypeError) as err:
-        raise UnsupportedPreprocessingError(f"transformer {name!r}: column selector {cols!r}: {err}")
+        raise UnsupportedPreprocessingError(f"transformer {name!r}: column selector {cols!r}: {err}") from err
     return [int(i) for i in np.atleast_1d(idx)]
 
 
@@ -137,14 +136,6 @@ def read_preprocessing(ct, sklearn_dtype="float64") -> PreprocessingIR:
     return ir
 
 
-def load_preprocessing(path):
-    """Unpickle the fitted ColumnTransformer (tX.pkl); errors name the file."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as err:
-        raise FileNotFoundError(f"cannot load preprocessing {path}: {err}") from err
 
 
 def read_preprocessing_file(path, sklearn_dtype="float64") -> PreprocessingIR:

@@ -13,6 +13,7 @@ import numpy as np
 
 from effgen import schema
 from effgen.atomic import atomic_file
+from effgen.errors import EffgenError
 
 MOMENTUM_EDGES_GEV = [0.5, 3, 5, 10, 30, 100, 200]
 SPECIES = {"e": "mc_is_e", "mu": "mc_is_mu", "hadron": "mc_is_h"}
@@ -280,9 +281,9 @@ def write_report(metrics, images, path, model, data):
 def _check_preprocessing(preprocessing_path, raw, features):
     """Largest |tX(raw) - stored feature|: the shards and the pickled transformer the
     exported function will embed must agree."""
-    from effgen.preprocess import load_preprocessing
+    from effgen.provenance import load_preprocessing
 
-    transformer = load_preprocessing(preprocessing_path)
+    transformer = load_preprocessing(preprocessing_path, n_features=len(schema.FEATURES))
     x_raw = np.stack([raw[f"raw_{c}"] for c in schema.FEATURES], axis=1).astype(np.float64)
     redone = np.asarray(transformer.transform(x_raw), dtype=np.float64)
     return float(np.max(np.abs(redone - features)))
@@ -296,7 +297,7 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
     onto the stored features."""
     import keras
 
-    from effgen.reader import FeatherReader
+    from effgen.data.reader import FeatherReader
 
     model_path, output_dir = Path(model_path), Path(output_dir)
     if not model_path.exists():
@@ -389,7 +390,7 @@ def _main(args):
         m = validate(args.model, args.data, args.output_dir, max_rows=args.max_rows,
                      preprocessing_path=preprocessing)
     except (FileNotFoundError, ValueError) as err:  # DataError, PreprocessingError too
-        raise SystemExit(f"effgen validate: {err}")
+        raise EffgenError(str(err)) from err
     ll = m["log_loss"]
     print(f"effgen validate: {m['n_rows']:,} rows; log-loss model {ll['model']:.5f}, "
           f"truth {ll.get('truth', float('nan')):.5f}, prior {ll['prior']:.5f}; "

@@ -45,7 +45,8 @@ import numpy as np
 
 from effgen import schema
 from effgen.config import shipped_dir
-from effgen.export import sha256_of
+from effgen.errors import ParityError  # noqa: F401 (re-exported)
+from effgen.provenance import sha256_of
 
 HARNESS_DIR = shipped_dir("c_harness", "parity_helpers.c")
 HELPERS_C = HARNESS_DIR / "parity_helpers.c"
@@ -94,8 +95,6 @@ void effgen_parity_tracks(effgen_parity_track_fn f, int *types, const float *in,
 """
 
 
-class ParityError(RuntimeError):
-    pass
 
 
 # ---- building ------------------------------------------------------------------------
@@ -325,9 +324,9 @@ def run_worker(spec, work_dir, inputs, uniforms, draw_uniforms=None, network_inp
     job_file = work_dir / f"{tag}.json"
     job_file.write_text(json.dumps(job))
     env = sanitizer_env() if spec.get("sanitizer") else dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                          env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "effgen.parity", "--worker", str(job_file)]
+    cmd = [sys.executable, "-m", "effgen.checks.parity", "--worker", str(job_file)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     elapsed = time.perf_counter() - t0
@@ -345,7 +344,7 @@ def run_worker(spec, work_dir, inputs, uniforms, draw_uniforms=None, network_inp
 # ---- the reference -------------------------------------------------------------------
 def load_rows(data_dir, n_rows) -> np.ndarray:
     """The first n_rows raw feature rows (raw_<feature> columns) of a data directory."""
-    from effgen.reader import FeatherReader
+    from effgen.data.reader import FeatherReader
 
     reader = FeatherReader(data_dir)
     cols = [f"raw_{c}" for c in schema.FEATURES]
@@ -374,7 +373,8 @@ def value_stats(c, ref, raw=None, n_worst=N_WORST) -> dict:
     d = np.abs(c - ref)
     nan = ~np.isfinite(d)
     d_f = np.where(nan, np.inf, d)
-    per_class = {name: {"max": float(d_f[:, k].max()), "mean": float(np.mean(d[~nan[:, k], k])) if (~nan[:, k]).any() else None}
+    per_class = {name: {"max": float(d_f[:, k].max()),
+                        "mean": float(np.mean(d[~nan[:, k], k])) if (~nan[:, k]).any() else None}
                  for k, name in enumerate(schema.OUTPUTS)}
     row_max = d_f.max(axis=1)
     worst = np.argsort(-row_max, kind="stable")[:n_worst]
@@ -415,7 +415,7 @@ def draw_agreement(c_types, ref_probs, c_probs, r, tol, max_listed=10_000) -> di
     """C track types against random_category on TF's probabilities with the same
     uniforms; every disagreement listed (up to max_listed, a guard against a broken
     library filling the report) and classified."""
-    from effgen.abi import python_track_type
+    from effgen.codegen.abi import python_track_type
 
     r = np.asarray(r, np.float32)
     c_types = np.asarray(c_types, np.int64)
@@ -537,8 +537,8 @@ def network_function(backend, symbol):
 
     try:
         if backend == "scikinc":
-            return importlib.import_module("effgen.scikinc_backend").step_function(symbol, "network")
-        return importlib.import_module("effgen.codegen").network_function(symbol)
+            return importlib.import_module("effgen.codegen.backends.scikinc").step_function(symbol, "network")
+        return importlib.import_module("effgen.codegen.backends.effgen_c").network_function(symbol)
     except (ImportError, AttributeError):
         return None
 
@@ -607,7 +607,7 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
     import sysconfig
 
     from effgen.atomic import atomic_file
-    from effgen.preprocess import load_preprocessing
+    from effgen.provenance import load_preprocessing
 
     t_start = time.perf_counter()
     output_dir = Path(output_dir)
@@ -825,6 +825,6 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m effgen.parity")
+    parser = argparse.ArgumentParser(prog="python -m effgen.checks.parity")
     parser.add_argument("--worker", nargs=1, required=True, help=argparse.SUPPRESS)
     sys.exit(_worker_main(parser.parse_args().worker))

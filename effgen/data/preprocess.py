@@ -23,7 +23,11 @@ import pyarrow.ipc as ipc
 
 from effgen import schema
 from effgen.atomic import atomic_file, atomic_outputs
-from effgen.reader import DataError, check_finite, check_schema, write_definitions
+from effgen.data.reader import DataError, check_finite, check_schema, write_definitions
+from effgen.errors import (
+    EffgenError,
+    PreprocessingError,  # noqa: F401 (re-exported)
+)
 
 SPLITS = {"train": 0.5, "test": 0.4, "validation": 0.1}
 RAW_PREFIX = "raw_"
@@ -34,8 +38,6 @@ N_CONTINUOUS = len(schema.CONTINUOUS_FEATURES)
 N_FEATURES = len(schema.FEATURES)
 
 
-class PreprocessingError(ValueError):
-    """A preprocessing file that is missing or unusable; the message names the file."""
 
 
 def fit_preprocessing(X_raw: np.ndarray, seed: int):
@@ -59,27 +61,6 @@ def save_preprocessing(ct, path):
         pickle.dump(ct, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def load_preprocessing(path):
-    """Unpickle a fitted ColumnTransformer taking the 12 raw features."""
-    from sklearn.compose import ColumnTransformer
-
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            ct = pickle.load(f)
-    except FileNotFoundError:
-        raise PreprocessingError(f"{path}: preprocessing file is missing "
-                                 "(run `effgen preprocess` first)") from None
-    except Exception as err:  # unpickling can raise nearly anything
-        raise PreprocessingError(f"{path}: cannot unpickle the preprocessing: {err!r}") from err
-    if not isinstance(ct, ColumnTransformer):
-        raise PreprocessingError(f"{path}: expected a ColumnTransformer, got {type(ct).__name__}")
-    if not hasattr(ct, "transformers_"):
-        raise PreprocessingError(f"{path}: the ColumnTransformer is not fitted")
-    if getattr(ct, "n_features_in_", None) != N_FEATURES:
-        raise PreprocessingError(f"{path}: the ColumnTransformer takes "
-                                 f"{getattr(ct, 'n_features_in_', '?')} inputs, expected {N_FEATURES}")
-    return ct
 
 
 def open_sample(path) -> pa.Table:
@@ -205,7 +186,7 @@ def _main(args: argparse.Namespace):
                          force=args.force, shard_rows=args.shard_rows,
                          max_fit_rows=args.max_fit_rows)
     except (FileExistsError, DataError, ValueError) as err:
-        raise SystemExit(f"effgen preprocess: {err}")
+        raise EffgenError(str(err)) from err
     counts = ", ".join(f"{k} {v}" for k, v in out["rows"].items())
     print(f"effgen preprocess: wrote {counts} rows under {args.output_dir}; "
           f"preprocessing {args.preprocessing}")

@@ -18,6 +18,7 @@ import pyarrow.ipc as ipc
 
 from effgen import schema
 from effgen.atomic import atomic_path
+from effgen.errors import ConfigError
 
 BLOCK_ROWS = 1 << 16
 
@@ -253,9 +254,9 @@ def register(subparsers):
 
 def _main(args):
     if args.output.exists() and not args.force:
-        raise SystemExit(f"effgen synth: {args.output} exists (use --force to overwrite it)")
+        raise ConfigError(f"{args.output} exists (use --force to overwrite it)")
     if args.n <= 0:
-        raise SystemExit(f"effgen synth: --n must be positive, got {args.n}")
+        raise ConfigError(f"--n must be positive, got {args.n}")
     write_sample(args.output, args.n, args.seed)
     print(f"effgen synth: wrote {args.n} rows to {args.output}")
     return 0

@@ -1,5 +1,5 @@
-"""The effgen C backend: a Chain (effgen.graph) plus a PreprocessingIR become one C99
-file with the Lamarr ABI (effgen.abi).
+"""The effgen C backend: a Chain (effgen.codegen.graph) plus a PreprocessingIR become one C99
+file with the Lamarr ABI (effgen.codegen.abi).
 
 Design for speed: weights are `static const float` arrays in the Keras (n_in, n_out)
 row-major layout, so a dense layer is `acc[j] += x[i] * W[i][j]` over contiguous rows
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from effgen import schema
-from effgen.abi import render_abi, template_env
-from effgen.graph import Chain, Dense, Residual, Softmax
-from effgen.preprocessing_ir import PreprocessingIR
+from effgen.codegen.abi import render_abi, template_env
+from effgen.codegen.graph import Chain, Dense, Residual, Softmax
+from effgen.codegen.preprocessing_ir import PreprocessingIR
 
 TANH_IMPLS = ("fast", "libm")
 

@@ -10,7 +10,7 @@ Sections (select with --sections):
            library on the same synthetic events (and an "echo" library: the Plugin's
            own cost).
   reader   rows per second of the training-data reader vs the seed notebook's design
-           (effgen.bench_data).
+           (effgen.bench.data).
 
 The machine is shared and noisy, so every number is the median of `repeats` runs made
 in this process, the cases of a section interleaved round by round (a load spike hits
@@ -19,14 +19,12 @@ section's baseline. The process and its children are pinned to one CPU; TensorFl
 ONNX Runtime get one thread. Results go to <output-dir>/bench.md and bench.json.
 """
 
-import argparse
 import contextlib
 import json
 import os
 import platform
 import shlex
 import sqlite3
-import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +36,7 @@ import numpy as np
 from effgen import schema
 from effgen.atomic import atomic_file, atomic_path
 from effgen.config import shipped_dir
+from effgen.errors import ConfigError
 
 SECTIONS = ("codegen", "calls", "lamarr", "reader")
 BACKENDS = ("effgen", "scikinc")
@@ -100,7 +99,7 @@ def pin_to_one_cpu(cpu=None):
     previous = os.sched_getaffinity(0)
     cpu = max(previous) if cpu is None else int(cpu)
     if cpu not in previous:
-        raise SystemExit(f"effgen bench: CPU {cpu} is not among the allowed CPUs {sorted(previous)}")
+        raise ConfigError(f"CPU {cpu} is not among the allowed CPUs {sorted(previous)}")
     os.sched_setaffinity(0, {cpu})
     return cpu, previous
 
@@ -146,7 +145,7 @@ def raw_features(n, seed) -> np.ndarray:
     """n rows of raw features (schema.FEATURES order, float32) from the synthetic toy."""
     import pyarrow as pa
 
-    from effgen import synth
+    from effgen.data import synth
 
     table = pa.Table.from_batches(list(synth.generate(n, seed)), schema=synth.arrow_schema())
     return np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
@@ -155,8 +154,8 @@ def raw_features(n, seed) -> np.ndarray:
 def synthetic_model(out_dir, sizes: Sizes, seed) -> tuple:
     """Random-weight model of the seed architecture and a preprocessing fitted on a
     synthetic sample, saved as model.keras / tX.pkl under out_dir."""
-    from effgen.model import build_model
-    from effgen.preprocess import fit_preprocessing, save_preprocessing
+    from effgen.data.preprocess import fit_preprocessing, save_preprocessing
+    from effgen.training.network import build_model
 
     out_dir = Path(out_dir)
     model = build_model(width=sizes.width, n_blocks=sizes.blocks, seed=seed)
@@ -174,8 +173,8 @@ def synthetic_model(out_dir, sizes: Sizes, seed) -> tuple:
 
 # ---- code generation and compile -----------------------------------------------------
 def export_source(backend, model_path, pre_path, out_dir, symbol) -> Path:
-    """<out_dir>/<symbol>.c for `backend`, through effgen.export."""
-    from effgen.export import export
+    """<out_dir>/<symbol>.c for `backend`, through effgen.codegen.export."""
+    from effgen.codegen.export import export
 
     c_path = Path(export(model_path, pre_path, out_dir, backend=backend, symbol=symbol)["source"])
     if not c_path.is_file():
@@ -185,7 +184,7 @@ def export_source(backend, model_path, pre_path, out_dir, symbol) -> Path:
 
 def build_backend(backend, model_path, pre_path, out_dir, symbol, repeats) -> dict:
     """Export and compile `repeats` times; the last library is kept for timing."""
-    from effgen.compile import check_library, compile_shared
+    from effgen.codegen.native import check_library, compile_shared
 
     out_dir = Path(out_dir) / backend
     export_s, compile_s = [], []
@@ -202,7 +201,7 @@ def build_backend(backend, model_path, pre_path, out_dir, symbol, repeats) -> di
 
 
 def codegen_rows(builds) -> list:
-    from effgen.compile import DEFAULT_CFLAGS
+    from effgen.codegen.native import DEFAULT_CFLAGS
 
     flags = " ".join(DEFAULT_CFLAGS)
     rows = []
@@ -320,7 +319,7 @@ def interleaved(cases: dict, repeats, label) -> dict:
 def calls_section(builds, model_path, pre_path, out_dir, sizes: Sizes, seed, symbol) -> tuple:
     import keras
 
-    from effgen.preprocess import load_preprocessing
+    from effgen.provenance import load_preprocessing
 
     out_dir = Path(out_dir)
     x = raw_features(max(sizes.rows, sizes.tf_batch), seed + 1)
@@ -369,7 +368,7 @@ class PluginRun:
     def __init__(self, db_path, hepmc_files, library, symbol, outputs, seed):
         import SQLamarr
 
-        from effgen import lamarr
+        from effgen.checks import lamarr
 
         self.db_path = Path(db_path)
         with contextlib.suppress(FileNotFoundError):
@@ -406,7 +405,7 @@ class PluginRun:
 
 
 def lamarr_section(builds, out_dir, sizes: Sizes, seed, symbol) -> list:
-    from effgen import lamarr
+    from effgen.checks import lamarr
 
     out_dir = Path(out_dir)
     x = raw_features(sizes.rows, seed + 2)
@@ -439,7 +438,7 @@ def lamarr_section(builds, out_dir, sizes: Sizes, seed, symbol) -> list:
 
 # ---- reader --------------------------------------------------------------------------
 def reader_section(out_dir, sizes: Sizes, seed) -> list:
-    from effgen import bench_data
+    from effgen.bench import data as bench_data
 
     train = bench_data.ensure_dataset(Path(out_dir), sizes.reader_sample_rows, seed)
     results = bench_data.bench_reader(train, batch_size=sizes.reader_batch, repeats=sizes.reader_repeats,
@@ -591,23 +590,23 @@ def _main(args) -> int:
     sizes = QUICK if args.quick else DEFAULT
     if args.repeats is not None:
         if args.repeats < 1:
-            raise SystemExit(f"effgen bench: --repeats must be >= 1, got {args.repeats}")
+            raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
         sizes = replace(sizes, repeats=args.repeats, build_repeats=min(sizes.build_repeats, args.repeats),
                         reader_repeats=min(sizes.reader_repeats, args.repeats))
     if args.rows is not None:
         if args.rows < 1:
-            raise SystemExit(f"effgen bench: --rows must be >= 1, got {args.rows}")
+            raise ConfigError(f"--rows must be >= 1, got {args.rows}")
         sizes = replace(sizes, rows=args.rows)
     model, pre = args.model, args.preprocessing
     if args.synthetic_model:
         if model or pre:
-            raise SystemExit("effgen bench: --synthetic-model excludes --model/--preprocessing")
+            raise ConfigError("--synthetic-model excludes --model/--preprocessing")
     elif model or pre:
         model = model or default_paths()["model"]
         pre = pre or model.with_name("tX.pkl")
         for path in (model, pre):
             if not path.is_file():
-                raise SystemExit(f"effgen bench: {path} does not exist")
+                raise ConfigError(f"{path} does not exist")
     else:
         paths = default_paths()
         if paths["model"].is_file() and paths["preprocessing"].is_file():
@@ -615,7 +614,7 @@ def _main(args) -> int:
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
-        raise SystemExit(f"effgen bench: --sections {args.sections!r}: choose from {','.join(SECTIONS)}")
+        raise ConfigError(f"--sections {args.sections!r}: choose from {','.join(SECTIONS)}")
     report = run_bench(output_dir=args.output_dir, sections=sections, sizes=sizes,
                        model_path=model, preprocessing_path=pre, seed=args.seed, cpu=args.cpu)
     md_path, json_path, md = write_report(report, args.output_dir)

@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.ipc as ipc
 
+from effgen.errors import DataError  # noqa: F401 (re-exported)
+
 DEFINITIONS = "definitions.json"
 SHARD_GLOB = "*.feather"
 
 
-class DataError(ValueError):
-    """A data directory or shard that cannot be used; the message names the file."""
 
 
 def _is_numeric(t: pa.DataType) -> bool:

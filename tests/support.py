@@ -1,0 +1,118 @@
+"""Shared builders for the tests (no test module imports another): plausible raw rows,
+a fitted preprocessing, a seed-like Keras model with random weights, knot-probing values,
+and a hand-written ABI core whose outputs a test controls."""
+
+import numpy as np
+from sklearn.compose import ColumnTransformer
+from sklearn.preprocessing import QuantileTransformer
+
+from effgen.codegen.abi import render_abi
+from effgen.codegen.native import Library, compile_shared
+
+OUTPUTS = ["not_recoed", "long", "upstream", "downstream"]
+NAMES = [f"f{i}" for i in range(12)]
+ABI_PEDANTIC = ("-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-pedantic")
+
+
+def raw_features(n, seed):
+    """Plausible raw rows in schema order, with a few awkward columns: a discrete z
+    (repeated quantiles) and a spike at exactly 0 in tx."""
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, 12), dtype=np.float32)
+    x[:, 0:2] = rng.normal(0, 0.03, (n, 2))
+    displaced = rng.random(n) < 0.15
+    x[:, 2] = np.where(displaced, rng.uniform(-300, 2500, n), rng.normal(0, 45, n))
+    x[:, 2] = np.where(rng.random(n) < 0.2, np.round(x[:, 2] / 100) * 100, x[:, 2])
+    x[:, 3] = rng.normal(3.7, 0.5, n)
+    x[:, 4:6] = rng.normal(0, 0.1, (n, 2))
+    x[:, 4] = np.where(rng.random(n) < 0.3, 0.0, x[:, 4])
+    x[:, 6] = rng.uniform(1.5, 6, n)
+    x[:, 7] = rng.uniform(-np.pi, np.pi, n)
+    species = rng.integers(0, 3, n)
+    x[:, 8], x[:, 9], x[:, 10] = species == 0, species == 1, species == 2
+    x[:, 11] = rng.choice([-1, 1], n)
+    return x
+
+
+def fit_preprocessing(n=20000, seed=0, n_quantiles=1000):
+    ct = ColumnTransformer([
+        ("quantile", QuantileTransformer(output_distribution="normal", n_quantiles=n_quantiles),
+         list(range(8))),
+        ("flags", "passthrough", [8, 9, 10, 11])])
+    return ct.fit(raw_features(n, seed))
+
+
+def seed_like_model(width=64, blocks=5, seed=0):
+    """The seed's topology (residual tanh blocks, separate Softmax) with random weights."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    init = "he_normal"
+    inp = keras.layers.Input((12,))
+    x = keras.layers.Dense(width, activation="tanh", kernel_initializer=init)(inp)
+    for _ in range(blocks):
+        x = keras.layers.Add()([x, keras.layers.Dense(width, activation="tanh",
+                                                       kernel_initializer=init)(x)])
+    x = keras.layers.Dense(4, kernel_initializer=init, bias_initializer="random_normal")(x)
+    return keras.Model(inp, keras.layers.Softmax()(x))
+
+
+def edge_values(q):
+    """Raw values that probe np.interp: every knot exactly, midpoints, one float ulp
+    either side of each knot, outside the range, and +-inf."""
+    q32 = np.unique(q.astype(np.float32))
+    mids = ((q32[1:].astype(np.float64) + q32[:-1]) / 2).astype(np.float32)
+    span = float(q32[-1] - q32[0]) or 1.0
+    outside = np.float32([q32[0] - span, q32[-1] + span, q32[0] - 1e-7, q32[-1] + 1e-7,
+                          np.inf, -np.inf, 3e38, -3e38])
+    return np.concatenate([q32, mids, np.nextafter(q32, np.float32(np.inf)),
+                           np.nextafter(q32, np.float32(-np.inf)), outside])
+
+
+
+# ---- a controllable core for the ABI layer ---------------------------------------------
+
+# out[k] = in[k] + (in[k+4] * in[k+8] - in[k+4] * in[k+8]): in[0..3] are the raw
+# probabilities; in[4+k] = FLT_MAX, in[8+k] = 2 overflow to inf - inf (a NaN core output).
+CORE = """
+static void test_core(float *out, const float *in)
+{
+    int k;
+    for (k = 0; k < 4; ++k)
+        out[k] = in[k] + (in[k + 4] * in[k + 8] - in[k + 4] * in[k + 8]);
+}
+"""
+CORE_BATCH = CORE + """
+static void test_core_batch(float *out, const float *in, long n)
+{
+    long r;
+    for (r = 0; r < n; ++r)
+        test_core(out + 4 * r, in + 12 * r);
+}
+"""
+
+def build_abi_library(tmp_path, symbol="eff2", has_batch=False):
+    src, hdr = render_abi(CORE_BATCH if has_batch else CORE, "test_core", symbol=symbol,
+                          n_inputs=12, input_names=NAMES, output_names=OUTPUTS,
+                          manifest={"backend": "test", "model_sha256": "00ff"},
+                          has_batch=has_batch)
+    (tmp_path / f"{symbol}.c").write_text(src)
+    (tmp_path / f"{symbol}.h").write_text(hdr)
+    so = compile_shared(tmp_path / f"{symbol}.c", tmp_path / f"lib{symbol}.so", cflags=ABI_PEDANTIC)
+    return Library(so, symbol)
+
+
+def rows_for_probabilities(p):
+    """Inputs whose core output is exactly the float32 rows `p` (n x 4)."""
+    x = np.zeros((len(p), 12), dtype=np.float32)
+    x[:, :4] = p
+    return x
+
+
+def lamarr_sum(p):
+    s = p[:, 0].copy()
+    for a in (np.float32(0), np.float32(0), p[:, 1], p[:, 2]):
+        s = (s + a).astype(np.float32)
+    return s
+
+
