@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from effgen.config import resolve_lazy
 from effgen.errors import EffgenError
 
 # In pipeline order: stage name -> the module that registers it. A module that cannot be
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
         print(f"{stage}: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 1
     try:
+        resolve_lazy(args)  # environment defaults are read (and checked) only now
         rc = args.func(args)
     except KeyboardInterrupt:
         print(f"{stage}: interrupted", file=sys.stderr)

@@ -1,56 +1,204 @@
-"""Configuration at the edge: default paths under one work directory, and the seed
-notebook's environment variables honoured as defaults for CLI flags."""
+"""One table of defaults: every knob a stage, the CLI or the Makefile exposes, with its
+environment variable (the seed notebook's names where it had one), type and doc.
 
+Precedence, everywhere: a command-line flag (or `make VAR=...`) beats the environment,
+which beats the table. Environment values are read and checked only when the stage that
+uses them runs (`BATCH_SIZE=abc effgen synth --help` works; `effgen train` then says
+which variable is wrong). The Makefile takes its defaults from `defaults.mk`, generated
+from this table (`python -m effgen.config --make > defaults.mk`; a test keeps it current).
+
+Run `python -m effgen.config` for the table as Markdown."""
+
+import argparse
+import math
 import os
+import shlex
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from effgen.errors import ConfigError
 
 
+@dataclass(frozen=True)
+class Knob:
+    env: str        # environment variable, also the Make variable unless `make` says otherwise
+    default: object  # for paths, a template on {workdir}
+    type: str       # int, float, str, path, flags
+    doc: str
+    minimum: float = None  # smallest accepted value (int, float)
+    make: str = None       # the Make variable's name when it differs from `env`
+    env_read: bool = True  # False: fixed in the table (compiler flags the guarantees rest on)
+
+
+_KNOBS = (
+    # Where everything goes.
+    Knob("EFFGEN_WORKDIR", "build", "path", "root of every default output (make: W)", make="W"),
+    Knob("TRAIN_DATA", "{workdir}/data/train", "path", "training shard directory"),
+    Knob("VALIDATION_DATA", "{workdir}/data/validation", "path", "validation shard directory"),
+    Knob("TEST_DATA", "{workdir}/data/test", "path", "test shard directory"),
+    Knob("OUTPUT_MODEL", "{workdir}/model/model.keras", "path", "trained model (.keras)"),
+    Knob("OUTPUT_PREPROCESSING", "{workdir}/model/tX.pkl", "path",
+         "fitted preprocessing (pickled ColumnTransformer)"),
+    # synth / preprocess / train.
+    Knob("N_PARTICLES", 2_000_000, "int", "rows of the synthetic sample", minimum=1),
+    Knob("SEED", 42, "int", "seed of synth, preprocess (split, quantiles) and train", minimum=0),
+    Knob("BATCH_SIZE", 10_000, "int",
+         "rows per training batch (sized for a ~10 minute main job on 2 cores; the seed "
+         "notebook used 100000)", minimum=1),
+    Knob("STEPS_PER_EPOCH", 50, "int", "training batches per epoch", minimum=1),
+    Knob("MAX_EPOCHS", 100, "int", "epochs per training phase at most", minimum=1),
+    Knob("PRE_TRAINING_TIME_LIMIT_SECONDS", 60.0, "float", "phase 1 time limit", minimum=0),
+    Knob("FINE_TUNING_TIME_LIMIT_SECONDS", 300.0, "float",
+         "phase 2 time limit (the seed notebook used 600)", minimum=0),
+    # export and the library build.
+    Knob("BACKEND", "effgen", "str", "code generator: effgen, or scikinc (the reference route)"),
+    Knob("SYMBOL", "efficiency", "str", "exported function name of the library"),
+    Knob("CC", "gcc", "str", "C compiler of the library"),
+    Knob("ARCH_FLAGS", "", "flags",
+         "extra compiler flags, e.g. -march=native (empty: portable, dispatch inside the .so)"),
+    Knob("LIB_CFLAGS", "-std=c99 -O3 -fPIC -Wall -Wextra -Werror", "flags",
+         "compiler flags of the library (make, parity's production build, bench)",
+         env_read=False),
+    Knob("LIB_LDFLAGS", "-shared -Wl,-z,relro,-z,now", "flags",
+         "link flags of the library (full RELRO)", env_read=False),
+)
+KNOBS = {k.env: k for k in _KNOBS}
+
+
+def parse(knob: Knob, raw: str, where: str = None):
+    """`raw` (from `where`: an environment variable, or None for a flag argparse names)
+    as the knob's type, checked."""
+    what = f"{where}={raw!r}" if where else repr(raw)
+    if knob.type in ("str", "flags"):
+        return raw
+    if knob.type == "path":
+        if raw == "":
+            raise ConfigError(f"{what} is empty: expected a path")
+        return Path(raw)
+    try:
+        value = float(raw)
+    except ValueError:
+        kind = "an integer" if knob.type == "int" else "a number"
+        raise ConfigError(f"{what} is not {kind}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} is not a finite number")
+    if knob.type == "int":
+        if value != int(value):  # 1.9 particles is a typo, never silently 1
+            raise ConfigError(f"{what} is not an integer")
+        value = int(value)
+    if knob.minimum is not None and value < knob.minimum:
+        raise ConfigError(f"{what} must be >= {knob.minimum:g}")
+    return value
+
+
+def table_default(name: str):
+    """The table's own default (paths under the table's workdir template)."""
+    knob = KNOBS[name]
+    if knob.type == "path":
+        return Path(str(knob.default).format(workdir=workdir()))
+    return knob.default
+
+
+def value(name: str):
+    """The knob's value outside the CLI: the environment if set (and non-empty), else the
+    table. A bad environment value raises ConfigError naming the variable."""
+    knob = KNOBS[name]
+    raw = os.environ.get(knob.env) if knob.env_read else None
+    if raw is None or raw == "":
+        return table_default(name)
+    return parse(knob, raw, f"environment variable {knob.env}")
+
+
+class Lazy:
+    """A CLI default that reads its environment variable only when the stage runs.
+    `cli.main` replaces it by `value(name)`; str() (for --help) never fails."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __str__(self):
+        knob = KNOBS[self.name]
+        raw = os.environ.get(knob.env) if knob.env_read else None
+        return f"${knob.env}={raw}" if raw else str(table_default(self.name))
+
+    def resolve(self):
+        return value(self.name)
+
+
+def resolve_lazy(namespace) -> None:
+    """Replace every Lazy default left in parsed arguments by its value."""
+    for key, val in vars(namespace).items():
+        if isinstance(val, Lazy):
+            setattr(namespace, key, val.resolve())
+
+
+def add_knob(parser, flag: str, name: str, help: str = None, **kwargs):
+    """A flag whose default comes from the table through the environment (CLI > env >
+    table). The flag's own value is checked like the environment's."""
+    knob = KNOBS[name]
+
+    def convert(raw):
+        try:
+            return parse(knob, raw)
+        except ConfigError as err:  # argparse then says "argument --flag: <why>"
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = knob.type  # argparse names the type in its own messages
+    env = f"env {knob.env}; " if knob.env_read else ""
+    return parser.add_argument(flag, type=convert, default=Lazy(name),
+                               help=f"{help or knob.doc} ({env}default %(default)s)", **kwargs)
+
+
+def positive_int(flag: str):
+    """An argparse type for a flag that is not a table knob but must be >= 1."""
+    def convert(raw):
+        try:
+            return parse(Knob(flag, None, "int", "", minimum=1), raw)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = "int"
+    return convert
+
+
 def workdir() -> Path:
     """Root of every default output (never /tmp): $EFFGEN_WORKDIR or ./build."""
-    return Path(os.environ.get("EFFGEN_WORKDIR", "build"))
+    return Path(os.environ.get("EFFGEN_WORKDIR") or KNOBS["EFFGEN_WORKDIR"].default)
 
 
 def env_str(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+    return os.environ.get(name) or default
 
 
-def env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(float(raw))
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
-def env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={raw!r} is not a number") from None
-
-
-# Default locations of each stage's outputs, relative to workdir().
+# Default locations of each stage's outputs. Paths never fail to parse, so they are read
+# when the parsers are built (tests and --help show them).
 def default_paths() -> dict:
     w = workdir()
     return {
         "sample": w / "data" / "sample.feather",
-        "train": Path(env_str("TRAIN_DATA", str(w / "data" / "train"))),
-        "test": Path(env_str("TEST_DATA", str(w / "data" / "test"))),
-        "validation": Path(env_str("VALIDATION_DATA", str(w / "data" / "validation"))),
-        "model": Path(env_str("OUTPUT_MODEL", str(w / "model" / "model.keras"))),
-        "preprocessing": Path(env_str("OUTPUT_PREPROCESSING", str(w / "model" / "tX.pkl"))),
+        "train": value("TRAIN_DATA"),
+        "test": value("TEST_DATA"),
+        "validation": value("VALIDATION_DATA"),
+        "model": value("OUTPUT_MODEL"),
+        "preprocessing": value("OUTPUT_PREPROCESSING"),
         "validation_report": w / "validation",
         "lamarr": w / "lamarr",
         "parity": w / "parity",
         "bench": w / "bench",
     }
+
+
+def library_compile_flags() -> list:
+    return shlex.split(KNOBS["LIB_CFLAGS"].default)
+
+
+def library_link_flags() -> list:
+    return shlex.split(KNOBS["LIB_LDFLAGS"].default)
+
+
+def library_cflags() -> list:
+    """Compiler then link flags of the library, as make, parity and bench use them."""
+    return library_compile_flags() + library_link_flags()
 
 
 def shipped_dir(name: str, marker: str) -> Path:
@@ -61,3 +209,35 @@ def shipped_dir(name: str, marker: str) -> Path:
         if (candidate / marker).is_file():
             return candidate
     raise FileNotFoundError(f"effgen's {name}/ not found beside {here} (looked for {name}/{marker})")
+
+
+# ---- the table for make and for people ---------------------------------------------------
+
+def make_include() -> str:
+    lines = ["# Generated from effgen/config.py by `python -m effgen.config --make`: do not edit.",
+             "# Precedence: make VAR=... > the environment > these defaults (?=)."]
+    for k in _KNOBS:
+        default = str(k.default).replace("{workdir}", "$(W)")
+        if isinstance(k.default, float) and k.default == int(k.default):
+            default = str(int(k.default))
+        op = "?=" if k.env_read else ":="
+        lines.append(f"# {k.doc}")
+        if k.env == "EFFGEN_WORKDIR":  # W, else the environment's EFFGEN_WORKDIR
+            default = f"$(if $(EFFGEN_WORKDIR),$(EFFGEN_WORKDIR),{default})"
+        if k.env == "CC":  # make's built-in CC (cc) is no choice of the user's
+            lines.append(f"ifeq ($(origin CC),default)\nCC := {default}\nendif")
+            continue
+        lines.append(f"{k.make or k.env} {op} {default}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table() -> str:
+    rows = ["| knob (env / make) | default | type | what |", "|---|---|---|---|"]
+    for k in _KNOBS:
+        name = k.env + (f" (make {k.make})" if k.make else "") + ("" if k.env_read else " (fixed)")
+        rows.append(f"| `{name}` | `{k.default}` | {k.type} | {k.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(make_include() if sys.argv[1:] == ["--make"] else markdown_table())

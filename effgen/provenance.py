@@ -1,15 +1,21 @@
 """What ties the artefacts of one run together: file hashes, the provenance record a
-trained model keeps beside it (history.json), and the one way to load a preprocessing
-(tX.pkl)."""
+trained model keeps beside it (history.json: the model's and the preprocessing's sha256,
+the feature and label names in the order the model was trained on), and the one way to
+load a preprocessing (tX.pkl).
+
+Trust: a tX.pkl is read through effgen.safe_pickle's allow-list, never plain pickle; when
+the history of the model it goes with names a preprocessing, the file's sha256 is checked
+against it before a byte is unpickled."""
 
 import hashlib
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
 
+from effgen import schema
 from effgen.errors import PreprocessingError, ProvenanceError
+from effgen.safe_pickle import UnsafePickleError, loads
 
 
 def sha256_of(path) -> str:
@@ -49,20 +55,84 @@ def check_provenance(model_path, model_sha256, preprocessing_path, preprocessing
     return True
 
 
-def load_preprocessing(path, n_features=None):
-    """Unpickle a fitted scikit-learn ColumnTransformer (tX.pkl). Errors name the file.
-    `n_features`, if given, is the number of raw inputs it must take."""
+def recorded_for_model(model_path):
+    """The history.json record of the model file at `model_path` (hashing it), or None."""
+    model_path = Path(model_path)
+    if not model_path.is_file() or not model_path.with_name("history.json").is_file():
+        return None
+    return recorded_history(model_path, sha256_of(model_path))
+
+
+def check_contract(model_path, recorded, features=schema.FEATURES, labels=schema.LABELS) -> bool:
+    """Refuse a model whose history says it was trained on its inputs in another order
+    (or on other outputs) than `features` / `labels`, the order the preprocessing outputs
+    and the ABI takes. Returns whether the history let the check be made."""
+    if not recorded or "features" not in recorded or "labels" not in recorded:
+        return False
+    history = Path(model_path).with_name("history.json")
+    for what, trained, expected in (("features", recorded["features"], features),
+                                    ("outputs", recorded["labels"], labels)):
+        if list(trained) != list(expected):
+            diffs = [f"position {i}: trained on {t!r}, expected {e!r}"
+                     for i, (t, e) in enumerate(zip(trained, expected)) if t != e]
+            if len(trained) != len(expected):
+                diffs.append(f"{len(trained)} trained vs {len(expected)} expected")
+            raise ProvenanceError(
+                f"model {model_path} was trained on its {what} in another order than the "
+                f"deployed function's ({history}): {'; '.join(diffs[:4])}: retrain on shards "
+                f"whose definitions.json lists them in the standard order")
+    return True
+
+
+def vouched_default(default_path, model_path):
+    """`default_path` if the history of the model at `model_path` records its sha256, else
+    None: a tX.pkl nobody named on the command line is loaded only when the provenance
+    record of the model in use vouches for it (never just because it sits in ./build)."""
+    default_path = Path(default_path)
+    recorded = recorded_for_model(model_path) if model_path is not None else None
+    want = None if recorded is None else recorded.get("preprocessing_sha256")
+    if want is None or not default_path.is_file() or sha256_of(default_path) != want:
+        return None
+    return default_path
+
+
+def trained_order(model_path, features=schema.FEATURES):
+    """Column indices into `features` giving the inputs in the order the model at
+    `model_path` was trained on (its history.json), or None when not recorded."""
+    recorded = recorded_for_model(model_path)
+    trained = None if recorded is None else recorded.get("features")
+    if not trained or sorted(trained) != sorted(features):
+        return None
+    return [list(features).index(f) for f in trained]
+
+
+def load_preprocessing(path, n_features=None, *, model_path=None):
+    """Load a fitted scikit-learn ColumnTransformer (tX.pkl) through the allow-list.
+    Errors name the file. `n_features`, if given, is the number of raw inputs it must
+    take. With `model_path`, a preprocessing that model's history.json does not record is
+    refused before it is unpickled."""
     from sklearn.compose import ColumnTransformer
 
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            ct = pickle.load(f)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PreprocessingError(f"{path}: preprocessing file is missing "
                                  "(run `effgen preprocess` first)") from None
+    except IsADirectoryError:
+        raise PreprocessingError(f"{path}: is a directory, not a preprocessing file") from None
+    if model_path is not None:
+        recorded = recorded_for_model(model_path)
+        if recorded is not None:
+            check_provenance(model_path, recorded["model_sha256"], path,
+                             hashlib.sha256(data).hexdigest())
+    try:
+        ct = loads(data)
+    except UnsafePickleError as err:
+        raise UnsafePickleError(f"{path}: refused: {err}") from None
     except Exception as err:  # unpickling can raise nearly anything
-        raise PreprocessingError(f"{path}: cannot unpickle the preprocessing: {err!r}") from err
+        raise PreprocessingError(f"{path}: cannot unpickle the preprocessing "
+                                 f"(corrupt or not a pickle): {err!r}") from err
     if not isinstance(ct, ColumnTransformer):
         raise PreprocessingError(f"{path}: expected a ColumnTransformer, got {type(ct).__name__}")
     if not hasattr(ct, "transformers_"):

@@ -37,6 +37,7 @@ from effgen import schema
 from effgen.atomic import atomic_file, atomic_path
 from effgen.config import shipped_dir
 from effgen.errors import ConfigError
+from effgen.provenance import vouched_default
 
 SECTIONS = ("codegen", "calls", "lamarr", "reader")
 BACKENDS = ("effgen", "scikinc")
@@ -336,7 +337,7 @@ def calls_section(builds, model_path, pre_path, out_dir, sizes: Sizes, seed, sym
                            + ("one call per particle" if mode == "call" else f"one {symbol}_batch call"))
 
     model = keras.models.load_model(model_path, compile=False)
-    ct = load_preprocessing(pre_path)
+    ct = load_preprocessing(pre_path, model_path=model_path)
     net, full, x_pre = tf_cases(model, ct, x[:sizes.tf_batch])
     b = f"batch of {sizes.tf_batch:,}"
     cases["TensorFlow predict, network only"] = net
@@ -603,13 +604,18 @@ def _main(args) -> int:
             raise ConfigError("--synthetic-model excludes --model/--preprocessing")
     elif model or pre:
         model = model or default_paths()["model"]
-        pre = pre or model.with_name("tX.pkl")
-        for path in (model, pre):
-            if not path.is_file():
-                raise ConfigError(f"{path} does not exist")
+        if not model.is_file():
+            raise ConfigError(f"{model} does not exist")
+        # A tX.pkl nobody named is used only if the model's history.json records it.
+        pre = pre or vouched_default(model.with_name("tX.pkl"), model)
+        if pre is None:
+            raise ConfigError(f"name the model's preprocessing with --preprocessing (no tX.pkl "
+                              f"beside {model} that its history.json records)")
+        if not pre.is_file():
+            raise ConfigError(f"{pre} does not exist")
     else:
         paths = default_paths()
-        if paths["model"].is_file() and paths["preprocessing"].is_file():
+        if paths["model"].is_file() and vouched_default(paths["preprocessing"], paths["model"]):
             model, pre = paths["model"], paths["preprocessing"]
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]

@@ -10,9 +10,10 @@ import numpy as np
 from effgen import schema
 from effgen.codegen.export import load_model
 from effgen.codegen.native import Library, check_library, exported_symbols, undefined_symbols
+from effgen.config import default_paths
 from effgen.data.reader import FeatherReader
 from effgen.errors import ExportError
-from effgen.provenance import load_preprocessing, sha256_of
+from effgen.provenance import load_preprocessing, sha256_of, trained_order, vouched_default
 
 
 def _library_symbol(exported) -> str:
@@ -67,14 +68,21 @@ def describe(library, *, model_path=None, preprocessing_path=None, data_dir=None
     result = {"library": str(library), "symbol": symbol, "exports": exported, "manifest": manifest}
     if not (model_path and preprocessing_path and Path(model_path).is_file()
             and Path(preprocessing_path).is_file()):
-        print("parity    skipped (model or preprocessing not found)", file=out)
+        print("parity    skipped (model or preprocessing not found; name them with --model "
+              "and --preprocessing)", file=out)
         return result
     if manifest.get("model_sha256") not in (None, sha256_of(model_path)):
         print(f"WARNING   {model_path} is not the model this library was built from", file=out)
     rows, origin = _parity_rows(data_dir, n_rows)
-    ct = load_preprocessing(preprocessing_path)
+    ct = load_preprocessing(preprocessing_path, model_path=model_path)
     dtype = np.float32 if manifest.get("preprocessing_dtype") == "float32" else np.float64
     pre = ct.transform(rows.astype(dtype)).astype(np.float32)
+    order = trained_order(model_path)
+    if order is not None and order != list(range(len(order))):
+        # TensorFlow gets what the model was trained on; the library, the ABI order.
+        print(f"WARNING   {model_path} was trained on its features in another order "
+              "(history.json): export refuses it", file=out)
+        pre = pre[:, order]
     reference = load_model(model_path).predict(pre, batch_size=8192, verbose=0)
     got = lib.batch(rows)
     diff = np.abs(got.astype(np.float64) - reference).max(axis=0)
@@ -89,14 +97,13 @@ def describe(library, *, model_path=None, preprocessing_path=None, data_dir=None
 
 
 def register(subparsers):
-    from effgen.config import default_paths
-
     paths = default_paths()
     p = subparsers.add_parser("describe", help="a built library's exports, manifest and a parity check")
     p.add_argument("library", type=Path, metavar="LIB.so")
     p.add_argument("--model", type=Path, default=paths["model"], help="trained .keras model")
-    p.add_argument("--preprocessing", type=Path, default=paths["preprocessing"],
-                   help="pickled fitted ColumnTransformer")
+    p.add_argument("--preprocessing", type=Path, default=None,
+                   help="pickled fitted ColumnTransformer (default: "
+                        f"{paths['preprocessing']}, only if the model's history.json records it)")
     p.add_argument("--validation", type=Path, default=paths["validation"],
                    help="data directory whose raw_* columns feed the parity check")
     p.set_defaults(func=run)
@@ -105,6 +112,9 @@ def register(subparsers):
 def run(args) -> int:
     if not args.library.is_file():
         raise ExportError(f"library {args.library} does not exist (run `make lamarr-lib`)")
-    describe(args.library, model_path=args.model, preprocessing_path=args.preprocessing,
+    preprocessing = args.preprocessing
+    if preprocessing is None:
+        preprocessing = vouched_default(default_paths()["preprocessing"], args.model)
+    describe(args.library, model_path=args.model, preprocessing_path=preprocessing,
              data_dir=args.validation)
     return 0

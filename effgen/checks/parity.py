@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from effgen import schema
-from effgen.config import shipped_dir
+from effgen.config import library_compile_flags, library_link_flags, shipped_dir
 from effgen.errors import ParityError  # noqa: F401 (re-exported)
 from effgen.provenance import sha256_of
 
@@ -74,7 +74,9 @@ TOLERANCES = {
 }
 
 VARIANTS = {
-    "production": {"cflags": ["-std=c99", "-O3"], "ldflags": []},
+    # The library's own flags (effgen.config), as make and bench build it.
+    "production": {"cflags": library_compile_flags(),
+                   "ldflags": [f for f in library_link_flags() if f != "-shared"]},
     "portable": {"cflags": ["-std=c99", "-O3", "-DEFFGEN_NO_DISPATCH"], "ldflags": []},
     "sanitize": {
         "cflags": ["-std=c99", "-O1", "-g", "-fsanitize=address,undefined",
@@ -637,7 +639,7 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
         raise ParityError("no rows to check")
 
     say(f"parity: TensorFlow reference on {n} rows")
-    tf_probs, pre = tf_reference(model_path, load_preprocessing(preprocessing_path), raw)
+    tf_probs, pre = tf_reference(model_path, load_preprocessing(preprocessing_path, model_path=model_path), raw)
 
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     uniforms = rng.random(n, dtype=np.float32)

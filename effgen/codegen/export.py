@@ -7,7 +7,14 @@ from effgen import schema
 from effgen.atomic import atomic_outputs
 from effgen.codegen.abi import check_symbol, render_abi
 from effgen.errors import ExportError  # noqa: F401 (re-exported)
-from effgen.provenance import check_provenance, load_preprocessing, preprocessing_width, sha256_of
+from effgen.provenance import (
+    check_contract,
+    check_provenance,
+    load_preprocessing,
+    preprocessing_width,
+    recorded_history,
+    sha256_of,
+)
 
 BACKENDS = ("effgen", "scikinc")
 
@@ -43,12 +50,16 @@ def export(model_path, preprocessing_path, output_dir, *, backend="effgen", symb
     model_path, preprocessing_path = Path(model_path), Path(preprocessing_path)
     if not preprocessing_path.is_file():
         raise FileNotFoundError(f"preprocessing {preprocessing_path} does not exist (run `effgen preprocess`)")
-    ct = load_preprocessing(preprocessing_path)
-    model = load_model(model_path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"Keras model {model_path} does not exist (run `effgen train`)")
     hashes = {"model_sha256": sha256_of(model_path),
               "preprocessing_sha256": sha256_of(preprocessing_path)}
+    # Provenance and the trained contract first: nothing is unpickled before they pass.
     provenance_checked = check_provenance(model_path, hashes["model_sha256"], preprocessing_path,
                                           hashes["preprocessing_sha256"])
+    check_contract(model_path, recorded_history(model_path, hashes["model_sha256"]))
+    ct = load_preprocessing(preprocessing_path)
+    model = load_model(model_path)
     n_model = int(model.inputs[0].shape[-1])
     n_pre = preprocessing_width(ct)
     if n_model != n_pre:
@@ -95,7 +106,7 @@ def export(model_path, preprocessing_path, output_dir, *, backend="effgen", symb
 # ---- CLI ----------------------------------------------------------------------------------
 
 def register(subparsers):
-    from effgen.config import default_paths
+    from effgen.config import add_knob, default_paths
 
     paths = default_paths()
     p = subparsers.add_parser("export", help="generate the C library source")
@@ -103,8 +114,8 @@ def register(subparsers):
     p.add_argument("--preprocessing", type=Path, default=paths["preprocessing"],
                    help="pickled fitted ColumnTransformer")
     p.add_argument("--output-dir", type=Path, default=paths["lamarr"])
-    p.add_argument("--backend", choices=BACKENDS, default="effgen")
-    p.add_argument("--symbol", default="efficiency", help="exported function name")
+    add_knob(p, "--backend", "BACKEND", choices=BACKENDS)
+    add_knob(p, "--symbol", "SYMBOL")
     p.add_argument("--sklearn-dtype", choices=("float64", "float32"), default="float64",
                    help="dtype the preprocessing was applied to when training (effgen preprocess: float64)")
     p.add_argument("--tanh", choices=("fast", "libm"), default="fast",

@@ -6,11 +6,13 @@ import subprocess
 from pathlib import Path
 
 from effgen.codegen.abi import exported_names
+from effgen.config import library_cflags
 from effgen.errors import CompileError  # noqa: F401 (re-exported)
 
 # Portable by default: no -ffast-math (it made production objects import glibc's
 # __exp_finite family), no -march=native (the .so dispatches to AVX2/FMA itself).
-DEFAULT_CFLAGS = ("-std=c99", "-O3", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror")
+# The values live in effgen.config's table (LIB_CFLAGS, LIB_LDFLAGS), shared with make.
+DEFAULT_CFLAGS = tuple(library_cflags())
 
 
 

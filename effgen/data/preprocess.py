@@ -163,7 +163,7 @@ def preprocess(input_path, output_dir, preprocessing_path, seed, force=False,
 
 
 def register(subparsers):
-    from effgen.config import default_paths, env_int
+    from effgen.config import add_knob, default_paths
 
     paths = default_paths()
     p = subparsers.add_parser("preprocess", help="fit the preprocessing, split and shard the sample")
@@ -172,7 +172,7 @@ def register(subparsers):
                    help="where train/, test/ and validation/ are written")
     p.add_argument("--preprocessing", type=Path, default=paths["preprocessing"],
                    help="pickled ColumnTransformer (tX.pkl)")
-    p.add_argument("--seed", type=int, default=env_int("SEED", 42))
+    add_knob(p, "--seed", "SEED")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
     p.add_argument("--max-fit-rows", type=int, default=1_000_000,
                    help="training rows the preprocessing is fitted on")

@@ -241,12 +241,11 @@ def write_sample(path, n: int, seed: int, chunk_size: int = 1 << 18, progress: b
 
 
 def register(subparsers):
-    from effgen.config import default_paths, env_int
+    from effgen.config import add_knob, default_paths
 
     p = subparsers.add_parser("synth", help="draw the synthetic sample with known truth")
-    p.add_argument("--n", type=int, default=env_int("N_PARTICLES", 2_000_000),
-                   help="number of particles (default 2,000,000 or $N_PARTICLES)")
-    p.add_argument("--seed", type=int, default=env_int("SEED", 42))
+    add_knob(p, "--n", "N_PARTICLES")
+    add_knob(p, "--seed", "SEED")
     p.add_argument("--output", type=Path, default=default_paths()["sample"])
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=_main)

@@ -469,7 +469,7 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
 # ---- the CLI ---------------------------------------------------------------------------
 
 def register(subparsers):
-    from effgen.config import default_paths, env_int
+    from effgen.config import add_knob, default_paths, positive_int
 
     paths = default_paths()
     p = subparsers.add_parser(
@@ -481,20 +481,16 @@ def register(subparsers):
                    help="validation shard directory (env VALIDATION_DATA; default %(default)s)")
     p.add_argument("--output", type=Path, default=paths["model"],
                    help="output model, .keras (env OUTPUT_MODEL; default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=env_int("BATCH_SIZE", 100_000),
-                   help="rows per batch (env BATCH_SIZE; default %(default)s)")
-    p.add_argument("--steps-per-epoch", type=int, default=50, help="default %(default)s")
-    p.add_argument("--max-epochs", type=int, default=env_int("MAX_EPOCHS", 100),
-                   help="per phase (env MAX_EPOCHS; default %(default)s)")
-    p.add_argument("--pre-limit", type=float,
-                   default=env_int("PRE_TRAINING_TIME_LIMIT_SECONDS", 60),
-                   help="phase 1 seconds (env PRE_TRAINING_TIME_LIMIT_SECONDS; default %(default)s)")
-    p.add_argument("--ft-limit", type=float,
-                   default=env_int("FINE_TUNING_TIME_LIMIT_SECONDS", 600),
-                   help="phase 2 seconds (env FINE_TUNING_TIME_LIMIT_SECONDS; default %(default)s)")
-    p.add_argument("--width", type=int, default=128, help="hidden units (default %(default)s)")
-    p.add_argument("--blocks", type=int, default=5, help="residual blocks (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="default %(default)s")
+    add_knob(p, "--batch-size", "BATCH_SIZE")
+    add_knob(p, "--steps-per-epoch", "STEPS_PER_EPOCH")
+    add_knob(p, "--max-epochs", "MAX_EPOCHS")
+    add_knob(p, "--pre-limit", "PRE_TRAINING_TIME_LIMIT_SECONDS", "phase 1 seconds")
+    add_knob(p, "--ft-limit", "FINE_TUNING_TIME_LIMIT_SECONDS", "phase 2 seconds")
+    p.add_argument("--width", type=positive_int("--width"), default=128,
+                   help="hidden units (default %(default)s)")
+    p.add_argument("--blocks", type=positive_int("--blocks"), default=5,
+                   help="residual blocks (default %(default)s)")
+    add_knob(p, "--seed", "SEED")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint directory")
     p.set_defaults(func=_main)

@@ -278,12 +278,13 @@ def write_report(metrics, images, path, model, data):
 
 # ---- data and the function API ---------------------------------------------------------
 
-def _check_preprocessing(preprocessing_path, raw, features):
+def _check_preprocessing(preprocessing_path, raw, features, model_path=None):
     """Largest |tX(raw) - stored feature|: the shards and the pickled transformer the
     exported function will embed must agree."""
     from effgen.provenance import load_preprocessing
 
-    transformer = load_preprocessing(preprocessing_path, n_features=len(schema.FEATURES))
+    transformer = load_preprocessing(preprocessing_path, n_features=len(schema.FEATURES),
+                                     model_path=model_path)
     x_raw = np.stack([raw[f"raw_{c}"] for c in schema.FEATURES], axis=1).astype(np.float64)
     redone = np.asarray(transformer.transform(x_raw), dtype=np.float64)
     return float(np.max(np.abs(redone - features)))
@@ -321,7 +322,7 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
     truth = frame[truth_cols].to_numpy(np.float64) if truth_cols else None
     raw = {c: frame[c].to_numpy() for c in raw_cols}
     preprocessing_diff = None if preprocessing_path is None else _check_preprocessing(
-        preprocessing_path, raw, features.astype(np.float64))
+        preprocessing_path, raw, features.astype(np.float64), model_path)
 
     model = keras.models.load_model(model_path)
     pred = np.asarray(model.predict(features, batch_size=batch_size, verbose=0))
@@ -384,8 +385,10 @@ def _main(args):
     from effgen.config import default_paths
 
     preprocessing = args.preprocessing
-    if preprocessing is None and default_paths()["preprocessing"].exists():
-        preprocessing = default_paths()["preprocessing"]
+    if preprocessing is None:  # the default only if the model's history.json records it
+        from effgen.provenance import vouched_default
+
+        preprocessing = vouched_default(default_paths()["preprocessing"], args.model)
     try:
         m = validate(args.model, args.data, args.output_dir, max_rows=args.max_rows,
                      preprocessing_path=preprocessing)
