@@ -6,34 +6,54 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 EFFGEN      := $(VENV)/bin/effgen
 STAMP       := $(VENV)/.installed-stamp
-W           ?= build
+SELF        := $(firstword $(MAKEFILE_LIST))
+
+# Every knob's default (W, N_PARTICLES, SEED, BATCH_SIZE, ..., the library's compiler
+# flags) comes from effgen/config.py's table, through this generated file. Precedence:
+# make VAR=... > the environment > the table. The recipes pass every knob explicitly.
+include $(dir $(SELF))defaults.mk
 export EFFGEN_WORKDIR := $(W)
 
-# Main-job knobs (see README).
-N_PARTICLES ?= 2000000
-SEED        ?= 42
-# Training sized so the main job takes ~10 minutes on 2 cores; the seed's env vars win.
-BATCH_SIZE  ?= 10000
-PRE_TRAINING_TIME_LIMIT_SECONDS ?= 60
-FINE_TUNING_TIME_LIMIT_SECONDS  ?= 300
-BACKEND     ?= effgen
-SYMBOL      ?= efficiency
-# Target selection for the compiled library: empty = portable x86-64 baseline with
-# runtime AVX2/FMA dispatch inside the .so; e.g. ARCH_FLAGS=-march=native to specialise.
-ARCH_FLAGS  ?=
-CC          ?= gcc
-CFLAGS_LIB  := -std=c99 -O3 -fPIC -shared -Wall -Wextra -Werror $(ARCH_FLAGS)
+# ---- paths the recipes hand to the shell must be plain ----------------------------------
+# A space or a shell character in W would make `rm -rf $(W)` delete other directories;
+# refused here rather than quoted, since make's own target names cannot hold spaces either.
+SAFE_CHARS := a b c d e f g h i j k l m n o p q r s t u v w x y z \
+              A B C D E F G H I J K L M N O P Q R S T U V W X Y Z \
+              0 1 2 3 4 5 6 7 8 9 . _ - + / @
+_strip_safe = $(if $(2),$(call _strip_safe,$(subst $(firstword $(2)),,$(1)),$(wordlist 2,$(words $(2)),$(2))),$(1))
+_unsafe = $(or $(filter-out 1,$(words $(1))),$(call _strip_safe,$(1),$(SAFE_CHARS)))
+PATH_VARS := W OUTPUT_MODEL OUTPUT_PREPROCESSING TRAIN_DATA VALIDATION_DATA TEST_DATA SYMBOL BACKEND
+$(foreach v,$(PATH_VARS),$(if $(call _unsafe,$($(v))),$(error effgen: $(v)='$($(v))' is empty or holds a space or a shell character; use letters, digits and ._-+/@ only)))
+$(foreach d,/ . .. ./ ../,$(if $(filter $(d),$(W)),$(error effgen: W=$(W) would put the work directory over something else; choose a directory of its own)))
+
+# The main job writes its shards under $(W)/data (preprocess splits one sample there):
+# data directories pointing elsewhere are refused, not silently ignored. OUTPUT_MODEL
+# and OUTPUT_PREPROCESSING are honoured (train, validate, export use them).
+MAIN_GOALS := data train validate export lamarr-lib parity
+_check_data = $(if $(filter-out $(abspath $(W)/data/$(2)),$(abspath $($(1)_DATA))),\
+  $(error effgen: $(1)_DATA=$($(1)_DATA) is set, but the main job writes its $(2) shards to $(W)/data/$(2); unset it (or set W to its work directory), or run the effgen stages yourself))
+ifneq ($(filter $(MAIN_GOALS),$(MAKECMDGOALS)),)
+$(call _check_data,TRAIN,train)
+$(call _check_data,VALIDATION,validation)
+$(call _check_data,TEST,test)
+endif
+
+CFLAGS_LIB  = $(LIB_CFLAGS) $(ARCH_FLAGS) $(LIB_LDFLAGS)
+# The flags as the manifest records them: no quote or backslash can break its JSON (or
+# the shell quoting below).
+MANIFEST_FLAGS = $(strip $(subst ',,$(subst ",,$(subst \,/,$(CFLAGS_LIB)))))
 
 SAMPLE      := $(W)/data/sample.feather
 TRAIN_DIR   := $(W)/data/train
-MODEL       := $(W)/model/model.keras
-TX          := $(W)/model/tX.pkl
+VAL_DIR     := $(W)/data/validation
+MODEL       := $(OUTPUT_MODEL)
+TX          := $(OUTPUT_PREPROCESSING)
 REPORT      := $(W)/validation/metrics.json
 LAMARR      := $(W)/lamarr
 LIB         := $(LAMARR)/$(SYMBOL).so
 LIB_SRC     := $(LAMARR)/$(SYMBOL).c
 
-.PHONY: setup test lamarr-lib data train validate export parity bench check-hard clean distclean
+.PHONY: setup test lamarr-lib data train validate export parity bench check-hard clean distclean FORCE
 
 setup: $(STAMP)
 
@@ -58,11 +78,14 @@ $(TRAIN_DIR)/definitions.json $(TX) &: $(SAMPLE)
 	$(EFFGEN) preprocess --input $(SAMPLE) --output-dir $(W)/data --preprocessing $(TX) --seed $(SEED) --force
 
 $(MODEL): $(TRAIN_DIR)/definitions.json $(TX)
-	$(EFFGEN) train --resume --batch-size $(BATCH_SIZE) \
-	    --pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS) --ft-limit $(FINE_TUNING_TIME_LIMIT_SECONDS)
+	$(EFFGEN) train --resume --train-data $(TRAIN_DIR) --validation-data $(VAL_DIR) --output $@ \
+	    --batch-size $(BATCH_SIZE) --steps-per-epoch $(STEPS_PER_EPOCH) --max-epochs $(MAX_EPOCHS) \
+	    --pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS) --ft-limit $(FINE_TUNING_TIME_LIMIT_SECONDS) \
+	    --seed $(SEED)
 
 $(REPORT): $(MODEL)
-	$(EFFGEN) validate
+	$(EFFGEN) validate --model $(MODEL) --preprocessing $(TX) --data $(VAL_DIR) \
+	    --output-dir $(W)/validation
 
 # Records the backend, so `make lamarr-lib BACKEND=scikinc` regenerates the source.
 BACKEND_STAMP := $(LAMARR)/.backend
@@ -72,22 +95,33 @@ $(BACKEND_STAMP): FORCE
 FORCE:
 
 $(LIB_SRC): $(MODEL) $(TX) $(BACKEND_STAMP)
-	$(EFFGEN) export --backend $(BACKEND) --symbol $(SYMBOL) --output-dir $(LAMARR)
+	$(EFFGEN) export --model $(MODEL) --preprocessing $(TX) --backend $(BACKEND) \
+	    --symbol $(SYMBOL) --output-dir $(LAMARR)
+
+# Records everything that reaches the compiler, the compiler's own version included:
+# changing CC, ARCH_FLAGS or the table's flags rebuilds the library. Written with make's
+# $(file) so that no flag passes through shell quoting.
+FLAGS_STAMP := $(LAMARR)/.$(SYMBOL).build
+BUILD_ID = $(CC) ($(shell $(CC) --version 2>/dev/null | head -n 1)) $(CFLAGS_LIB)
+_differ = $(subst x$(1),,x$(2))$(subst x$(2),,x$(1))
+$(LAMARR):
+	@mkdir -p $@
+$(FLAGS_STAMP): FORCE | $(LAMARR)
+	@$(if $(DRY_RUN),:,$(if $(call _differ,$(file <$@),$(BUILD_ID)),$(file >$@,$(BUILD_ID)):,:))
 
 # Built under a per-run name then renamed: a killed or failed build never leaves a
 # half-written library where Lamarr would dlopen it.
-$(LIB): $(LIB_SRC)
+$(LIB): $(LIB_SRC) $(FLAGS_STAMP)
 	@# Remove what killed builds left (their shell is gone or a zombie), not a live one's.
 	@for f in $@.tmp.*; do case "$$(ps -o stat= -p "$${f##*.}" 2>/dev/null)" in \
 	    ""|Z*) rm -f "$$f";; esac; done
-	$(CC) $(CFLAGS_LIB) -DEFFGEN_CFLAGS='"$(CFLAGS_LIB)"' -o $@.tmp.$$$$ $< -lm \
+	$(CC) $(CFLAGS_LIB) -DEFFGEN_CFLAGS='"$(MANIFEST_FLAGS)"' -o $@.tmp.$$$$ $< -lm \
 	    && mv -f $@.tmp.$$$$ $@ || { rm -f $@.tmp.$$$$; exit 1; }
 
 # The main-job targets hold a lock on the work directory: concurrent runs on one $(W)
 # queue instead of interleaving (the second then finds its outputs up to date).
 LOCKED := data train validate export lamarr-lib parity
 LOCK   := $(W)/.effgen.lock
-SELF   := $(firstword $(MAKEFILE_LIST))
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 ifndef EFFGEN_HOLDS_LOCK
 $(LOCKED):
@@ -104,10 +138,11 @@ validate: $(REPORT)
 export: $(LIB_SRC)
 
 lamarr-lib: $(REPORT) $(LIB)
-	$(EFFGEN) describe $(LIB)
+	$(EFFGEN) describe $(LIB) --model $(MODEL) --preprocessing $(TX) --validation $(VAL_DIR)
 
 parity: $(LIB)
-	$(EFFGEN) parity --library $(LIB)
+	$(EFFGEN) parity --library $(LIB) --symbol $(SYMBOL) --model $(MODEL) --preprocessing $(TX) \
+	    --data $(VAL_DIR) --output-dir $(W)/parity
 endif
 
 # The reliability tests at depth: many more fuzzed models (~3 min at 120 examples), the
@@ -119,10 +154,18 @@ check-hard: $(STAMP)
 	    tests/test_parity.py
 
 bench: $(STAMP)
-	$(EFFGEN) bench
+	$(EFFGEN) bench --output-dir $(W)/bench
 
+# Removes W only if the main job made it (its lock file is there) or it is the default.
 clean:
+	@if [ -e $(W) ] && [ ! -e $(W)/.effgen.lock ] && [ "$(W)" != build ]; then \
+	    echo "effgen: $(W) holds no .effgen.lock (not a work directory of make's main job): not removing it" >&2; \
+	    exit 1; fi
 	rm -rf $(W)
 
 distclean: clean
 	rm -rf $(VENV) *.egg-info
+
+# `make print-VAR` shows a variable as make sees it (tests compare it with the table).
+print-%:
+	@:$(info $($*))

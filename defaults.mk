@@ -1,0 +1,42 @@
+# Generated from effgen/config.py by `python -m effgen.config --make`: do not edit.
+# Precedence: make VAR=... > the environment > these defaults (?=).
+# root of every default output (make: W)
+W ?= $(if $(EFFGEN_WORKDIR),$(EFFGEN_WORKDIR),build)
+# training shard directory
+TRAIN_DATA ?= $(W)/data/train
+# validation shard directory
+VALIDATION_DATA ?= $(W)/data/validation
+# test shard directory
+TEST_DATA ?= $(W)/data/test
+# trained model (.keras)
+OUTPUT_MODEL ?= $(W)/model/model.keras
+# fitted preprocessing (pickled ColumnTransformer)
+OUTPUT_PREPROCESSING ?= $(W)/model/tX.pkl
+# rows of the synthetic sample
+N_PARTICLES ?= 2000000
+# seed of synth, preprocess (split, quantiles) and train
+SEED ?= 42
+# rows per training batch (sized for a ~10 minute main job on 2 cores; the seed notebook used 100000)
+BATCH_SIZE ?= 10000
+# training batches per epoch
+STEPS_PER_EPOCH ?= 50
+# epochs per training phase at most
+MAX_EPOCHS ?= 100
+# phase 1 time limit
+PRE_TRAINING_TIME_LIMIT_SECONDS ?= 60
+# phase 2 time limit (the seed notebook used 600)
+FINE_TUNING_TIME_LIMIT_SECONDS ?= 300
+# code generator: effgen, or scikinc (the reference route)
+BACKEND ?= effgen
+# exported function name of the library
+SYMBOL ?= efficiency
+# C compiler of the library
+ifeq ($(origin CC),default)
+CC := gcc
+endif
+# extra compiler flags, e.g. -march=native (empty: portable, dispatch inside the .so)
+ARCH_FLAGS ?=
+# compiler flags of the library (make, parity's production build, bench)
+LIB_CFLAGS := -std=c99 -O3 -fPIC -Wall -Wextra -Werror
+# link flags of the library (full RELRO)
+LIB_LDFLAGS := -shared -Wl,-z,relro,-z,now

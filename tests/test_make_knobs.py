@@ -1,0 +1,202 @@
+"""The Makefile's knobs without running the main job: defaults from effgen/config.py's
+table, every knob passed explicitly, refused paths, the library build stamped with every
+flag and the compiler, and a manifest that stays JSON for any flags. Fast: no TensorFlow,
+the library built is a hand-written ABI core."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from effgen import config
+from effgen.checks import parity
+from effgen.codegen import native
+from effgen.codegen.abi import render_abi
+from effgen.codegen.native import Library
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS") and k not in config.KNOBS}
+    env.update(extra)
+    return env
+
+
+def _make(*args, env=None, cwd=REPO):
+    return subprocess.run(["make", "-f", str(REPO / "Makefile"), "--no-print-directory", *args],
+                          cwd=cwd, capture_output=True, text=True, env=env or _env())
+
+
+def _print(var, *args, env=None):
+    proc = _make("-s", f"print-{var}", *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_defaults_mk_is_generated_from_the_table():
+    assert (REPO / "defaults.mk").read_text() == config.make_include()
+
+
+def test_make_sees_the_table_defaults_and_the_environment_and_the_command_line():
+    for name, knob in config.KNOBS.items():
+        if knob.type in ("int", "float", "str") and name != "CC":
+            assert _print(knob.make or name) == str(config.table_default(name)).removesuffix(".0")
+    # Precedence: command line > environment > table.
+    assert _print("BATCH_SIZE", env=_env(BATCH_SIZE="123")) == "123"
+    assert _print("BATCH_SIZE", "BATCH_SIZE=7", env=_env(BATCH_SIZE="123")) == "7"
+
+
+def test_library_flags_of_make_parity_and_bench_agree():
+    make_flags = _print("CFLAGS_LIB").split()
+    assert make_flags == config.library_cflags()  # ARCH_FLAGS empty
+    assert "-Wl,-z,relro,-z,now" in make_flags
+    # bench compiles with native's defaults; parity's production build with the same
+    # compile flags and the same link flags (-shared is the extension builder's).
+    assert list(native.DEFAULT_CFLAGS) == make_flags
+    production = parity.VARIANTS["production"]
+    assert production["cflags"] + ["-shared"] + production["ldflags"] == make_flags
+
+
+def test_make_passes_every_knob_to_every_stage(tmp_path):
+    work = tmp_path / "w"
+    knobs = ["N_PARTICLES=1234", "SEED=77", "BATCH_SIZE=99", "STEPS_PER_EPOCH=5", "MAX_EPOCHS=3",
+             "PRE_TRAINING_TIME_LIMIT_SECONDS=11", "FINE_TUNING_TIME_LIMIT_SECONDS=22"]
+    proc = _make("-n", "lamarr-lib", f"W={work}", *knobs)
+    assert proc.returncode == 0, proc.stderr
+    lines = {stage: line for line in proc.stdout.replace("\\\n", " ").splitlines()
+             for stage in ("synth", "preprocess", "train", "validate", "export", "describe")
+             if f"effgen {stage}" in line}
+    assert "--n 1234" in lines["synth"] and "--seed 77" in lines["synth"]
+    assert "--seed 77" in lines["preprocess"]
+    train = " ".join(lines["train"].split())
+    for flag in ("--batch-size 99", "--steps-per-epoch 5", "--max-epochs 3", "--pre-limit 11",
+                 "--ft-limit 22", "--seed 77", f"--output {work}/model/model.keras",
+                 f"--train-data {work}/data/train", f"--validation-data {work}/data/validation"):
+        assert flag in train, train
+    for stage in ("validate", "export", "describe"):
+        assert f"--model {work}/model/model.keras" in lines[stage]
+        assert f"--preprocessing {work}/model/tX.pkl" in lines[stage]
+
+
+def test_output_model_in_the_environment_is_where_make_trains_and_exports(tmp_path):
+    model = tmp_path / "elsewhere" / "m.keras"
+    proc = _make("-n", "lamarr-lib", f"W={tmp_path / 'w'}", env=_env(OUTPUT_MODEL=str(model)))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.replace("\\\n", " ")
+    assert f"--output {model}" in out and f"--model {model}" in out
+
+
+@pytest.mark.parametrize("var", ["TRAIN_DATA", "VALIDATION_DATA"])
+def test_data_directories_elsewhere_in_the_environment_stop_make_clearly(tmp_path, var):
+    proc = _make("-n", "lamarr-lib", f"W={tmp_path / 'w'}", env=_env(**{var: str(tmp_path / "x")}))
+    assert proc.returncode != 0
+    assert f"{var}={tmp_path / 'x'} is set, but the main job writes" in proc.stderr
+    # The same directory make uses is fine.
+    split = var.split("_")[0].lower()
+    ok = _make("-n", "lamarr-lib", f"W={tmp_path / 'w'}",
+               env=_env(**{var: str(tmp_path / "w" / "data" / split)}))
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_clean_with_a_space_in_w_deletes_nothing(tmp_path):
+    (tmp_path / "scratch" / "my").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    decoys = [tmp_path / "scratch" / "my" / "keep", tmp_path / "work" / "keep"]
+    for d in decoys:
+        d.write_text("mine")
+    for w in ("scratch/my work", "a;b", "x$$(touch pwned)", "*", "."):
+        proc = _make("clean", f"W={w}", cwd=tmp_path)
+        assert proc.returncode != 0, w
+        assert "effgen: W=" in proc.stderr, proc.stderr
+    assert all(d.read_text() == "mine" for d in decoys)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_clean_removes_only_a_main_job_work_directory(tmp_path):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    proc = _make("clean", f"W={mine}")
+    assert proc.returncode != 0 and "not removing it" in proc.stderr
+    assert (mine / "thesis.tex").exists()
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / ".effgen.lock").touch()
+    assert _make("clean", f"W={work}").returncode == 0
+    assert not work.exists()
+
+
+# ---- the library build ---------------------------------------------------------------
+
+CORE = """
+static float *test_core(float *out, const float *in)
+{
+    int j;
+    for (j = 0; j < 4; ++j)
+        out[j] = in[j];
+    return out;
+}
+"""
+
+
+@pytest.fixture
+def staged_work(tmp_path):
+    """A work directory whose stages up to the generated C look done (mtimes in order),
+    so that `make <lib>` only compiles: the C is a hand-written core behind the ABI."""
+    work = tmp_path / "w"
+    src, hdr = render_abi(CORE, "test_core", symbol="efficiency", n_inputs=12,
+                          input_names=[f"f{i}" for i in range(12)],
+                          output_names=["not_recoed", "long", "upstream", "downstream"],
+                          manifest={"backend": "test"})
+    files = [("data/sample.feather", ""), ("data/train/definitions.json", "{}"),
+             ("model/tX.pkl", ""), ("model/model.keras", ""), ("lamarr/.backend", "effgen efficiency\n"),
+             ("lamarr/efficiency.h", hdr), ("lamarr/efficiency.c", src)]
+    t0 = time.time() - 1000
+    for i, (name, text) in enumerate(files):
+        path = work / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        os.utime(path, (t0 + 10 * i, t0 + 10 * i))
+    return work
+
+
+def _build(work, *args):
+    lib = work / "lamarr" / "efficiency.so"
+    proc = _make(f"W={work}", str(lib), *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return lib, "gcc" in proc.stdout or " -o " in proc.stdout
+
+
+def test_changing_flags_or_compiler_rebuilds_the_library(staged_work, tmp_path):
+    lib, built = _build(staged_work)
+    assert built
+    assert not _build(staged_work)[1]  # up to date
+    assert _build(staged_work, "ARCH_FLAGS=-DEFFGEN_NO_DISPATCH")[1]
+    assert not _build(staged_work, "ARCH_FLAGS=-DEFFGEN_NO_DISPATCH")[1]
+    # Another compiler (here: gcc behind a wrapper reporting another version).
+    wrapper = tmp_path / "cc-other"
+    wrapper.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "other-cc 9.9"; exit 0; }\n'
+                       'exec gcc "$@"\n')
+    wrapper.chmod(0o755)
+    assert _build(staged_work, "ARCH_FLAGS=-DEFFGEN_NO_DISPATCH", f"CC={wrapper}")[1]
+    assert not _build(staged_work, "ARCH_FLAGS=-DEFFGEN_NO_DISPATCH", f"CC={wrapper}")[1]
+
+
+def test_manifest_stays_json_for_flags_with_quotes_and_backslashes(staged_work):
+    lib, built = _build(staged_work, 'ARCH_FLAGS=-DEFFGEN_X="a\\b" -DEFFGEN_Y=\\"q\\"')
+    assert built
+    manifest = Library(lib, "efficiency").manifest()  # json.loads inside
+    assert "-DEFFGEN_X=a/b" in manifest["cflags"]
+    assert "relro" in manifest["cflags"]
+    json.dumps(manifest)
+
+
+def test_library_is_linked_with_full_relro(staged_work):
+    lib, _ = _build(staged_work)
+    out = subprocess.run(["readelf", "-d", "-l", str(lib)], capture_output=True, text=True).stdout
+    assert "GNU_RELRO" in out and "BIND_NOW" in out
