@@ -19,6 +19,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from effgen.errors import EffgenError
+
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
@@ -182,3 +184,32 @@ def atomic_dir(path, force=False):
     directory is removed only after the new one is in place."""
     with atomic_outputs() as out:
         yield out.dir(path, force)
+
+
+class LockedError(EffgenError, RuntimeError):
+    """Another process holds the lock on an output."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, what):
+    """Hold an exclusive lock on `path` (a hidden lock file, created if needed) for the
+    block, or raise LockedError at once if another process holds it: two runs writing one
+    output would delete each other's work. The kernel drops the lock when the holder
+    dies, so a killed run never leaves it stuck."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise LockedError(f"{what} is in use by another run (pid {holder}, lock {path}); "
+                              "wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     except EffgenError as err:  # e.g. a bad environment variable read for a default
         print(f"effgen: {err}", file=sys.stderr)
         return 1
+    except SystemExit as done:  # --help (0) or a bad flag (1, its line already printed)
+        return done.code if isinstance(done.code, int) else 1
     stage = f"effgen {args.command}"
     if unknown:
         print(f"{stage}: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)

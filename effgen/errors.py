@@ -18,6 +18,10 @@ class InputFileError(EffgenError, FileNotFoundError):
     """A file a stage needs is missing or unreadable."""
 
 
+class ModelFileError(EffgenError, ValueError):
+    """A Keras model file exists but cannot be read (corrupt, truncated, not a .keras)."""
+
+
 class DataError(EffgenError, ValueError):
     """A sample or shard directory is missing, malformed, or holds bad values."""
 

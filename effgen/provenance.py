@@ -9,12 +9,14 @@ against it before a byte is unpickled."""
 
 import hashlib
 import json
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from effgen import schema
-from effgen.errors import PreprocessingError, ProvenanceError
+from effgen.errors import InputFileError, ModelFileError, PreprocessingError, ProvenanceError
 from effgen.safe_pickle import UnsafePickleError, loads
 
 
@@ -149,3 +151,20 @@ def preprocessing_width(ct) -> int:
         return len(ct.get_feature_names_out())
     except (AttributeError, ValueError):
         return int(ct.transform(np.zeros((1, ct.n_features_in_))).shape[1])
+
+
+def load_keras_model(path, compile=False):
+    """Load a .keras model; a missing file and a corrupt one get different messages
+    (Keras itself says "File not found" for both)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"Keras model {path} does not exist (run `effgen train`)")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a readable .keras file (corrupt or truncated)")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    try:  # safe_mode (the default) refuses Lambda layers, which would hold code
+        return keras.models.load_model(str(path), compile=compile)
+    except Exception as err:  # Keras raises ValueError, KeyError, OSError, ...
+        raise ModelFileError(f"{path}: cannot load the Keras model (corrupt?): {err}") from err

@@ -31,8 +31,9 @@ import numpy as np
 
 from effgen import schema
 from effgen.atomic import atomic_dir
-from effgen.config import shipped_dir
-from effgen.errors import LamarrError  # noqa: F401 (re-exported)
+from effgen.codegen.native import exported_symbols
+from effgen.config import default_paths, positive_int, shipped_dir
+from effgen.errors import LamarrError
 
 # Lamarr's efficiency query (PyLamarr's tracking-efficiency step; SQLamarr's example
 # pipeline is the same with log10): column order is the input order of the C function;
@@ -335,25 +336,48 @@ def register(subparsers):
     p.add_argument("--library", required=True, help="compiled efficiency library (.so)")
     p.add_argument("--symbol", default="efficiency")
     p.add_argument("--sample", help="feather file with raw features and mc_pid (default: the synth sample)")
-    p.add_argument("--rows", type=int, default=20000, help="first ROWS particles of the sample")
+    p.add_argument("--rows", type=positive_int("--rows"), default=20000,
+                   help="first ROWS particles of the sample")
     p.add_argument("--db", help="database file to write (default: <workdir>/lamarr/lamarr.db)")
+    p.add_argument("--force", action="store_true", help="replace an existing --db file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int("--threads"), default=1)
     p.set_defaults(func=_main)
+
+
+def _check_before_running(library, symbol, sample, db, threads, force):
+    """Everything that can be known wrong before a database is touched: SQLamarr aborts
+    the process (C++ terminate) on a symbol the library lacks, after replacing the file."""
+    library = Path(library)
+    if not library.is_file():
+        raise LamarrError(f"library {library} does not exist (run `make lamarr-lib`)")
+    exported = exported_symbols(library)
+    if symbol not in exported:
+        raise LamarrError(f"library {library} does not export {symbol!r} "
+                          f"(it exports {', '.join(exported) or 'nothing'}): check --symbol")
+    if not sample.is_file():
+        raise LamarrError(f"sample {sample} does not exist (run `effgen synth` or give --sample)")
+    if not force:
+        names = [db] if threads == 1 else [db.with_name(f"{db.stem}.{i}{db.suffix}")
+                                           for i in range(threads)]
+        existing = [str(p) for p in names if p.exists()]
+        if existing:
+            raise LamarrError(f"{', '.join(existing)} exists: pass --force to replace it")
 
 
 def _main(args):
     import pyarrow.feather as feather
 
-    from effgen.config import default_paths
-
     paths = default_paths()
     sample = Path(args.sample or paths["sample"])
+    db = Path(args.db or paths["lamarr"] / "lamarr.db")
+    # effgen's own default database is replaced freely; a file the user named is not.
+    _check_before_running(args.library, args.symbol, sample, db, args.threads,
+                          args.force or args.db is None)
     table = feather.read_table(sample, columns=list(schema.FEATURES) + [schema.PID])
     table = table.slice(0, args.rows)
     feats = np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
     pid = table.column(schema.PID).to_numpy()
-    db = Path(args.db or paths["lamarr"] / "lamarr.db")
     frame = run_lamarr_efficiency(args.library, feats, db, pid=pid, symbol=args.symbol,
                                   seed=args.seed, threads=args.threads)
     counts = frame["track_type"].value_counts().sort_index()

@@ -10,6 +10,7 @@ from effgen.errors import ExportError  # noqa: F401 (re-exported)
 from effgen.provenance import (
     check_contract,
     check_provenance,
+    load_keras_model,
     load_preprocessing,
     preprocessing_width,
     recorded_history,
@@ -26,17 +27,7 @@ BACKENDS = ("effgen", "scikinc")
 
 
 def load_model(path):
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"Keras model {path} does not exist (run `effgen train`)")
-    try:
-        return keras.models.load_model(str(path), compile=False)
-    except (OSError, ValueError) as err:
-        raise ExportError(f"cannot load Keras model {path}: {err}") from err
+    return load_keras_model(path, compile=False)
 
 
 

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from effgen.atomic import atomic_file, atomic_outputs, atomic_path
-from effgen.errors import EffgenError
+from effgen.atomic import atomic_file, atomic_outputs, atomic_path, exclusive_lock
+from effgen.errors import EffgenError, TrainingError
 from effgen.provenance import sha256_of
 
 STATE_FORMAT = 1
@@ -491,8 +491,11 @@ def register(subparsers):
     p.add_argument("--blocks", type=positive_int("--blocks"), default=5,
                    help="residual blocks (default %(default)s)")
     add_knob(p, "--seed", "SEED")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its checkpoint directory")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its checkpoint directory")
+    again.add_argument("--restart", action="store_true",
+                       help="discard an interrupted run's checkpoints and start afresh")
     p.set_defaults(func=_main)
 
 
@@ -505,6 +508,16 @@ def _main(args):
 
 
 def _run_cli(args):
+    # One train per output at a time; an interrupted run is discarded only when asked.
+    with exclusive_lock(args.output.with_name(f".{args.output.name}.lock"), f"{args.output}"):
+        state = checkpoint_dir(args.output) / "state.json"
+        if state.is_file() and not (args.resume or args.restart):
+            raise TrainingError(f"{state.parent} holds an interrupted run: pass --resume to "
+                                "continue it or --restart to discard it")
+        _train_from_args(args)
+
+
+def _train_from_args(args):
     train(args.train_data, args.validation_data, args.output, batch_size=args.batch_size,
           steps_per_epoch=args.steps_per_epoch, max_epochs=args.max_epochs,
           pre_limit_s=args.pre_limit, ft_limit_s=args.ft_limit, width=args.width,

@@ -296,9 +296,8 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
     plots, report.html and metrics.json into `output_dir`; return the metrics. With
     `preprocessing_path`, also check that the pickled transformer maps the raw columns
     onto the stored features."""
-    import keras
-
     from effgen.data.reader import FeatherReader
+    from effgen.provenance import load_keras_model
 
     model_path, output_dir = Path(model_path), Path(output_dir)
     if not model_path.exists():
@@ -324,7 +323,7 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
     preprocessing_diff = None if preprocessing_path is None else _check_preprocessing(
         preprocessing_path, raw, features.astype(np.float64), model_path)
 
-    model = keras.models.load_model(model_path)
+    model = load_keras_model(model_path, compile=True)
     pred = np.asarray(model.predict(features, batch_size=batch_size, verbose=0))
     if pred.shape != labels.shape:
         raise ValueError(f"model {model_path} gives outputs of shape {pred.shape[1:]}, "
