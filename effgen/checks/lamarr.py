@@ -374,7 +374,13 @@ def _main(args):
     # effgen's own default database is replaced freely; a file the user named is not.
     _check_before_running(args.library, args.symbol, sample, db, args.threads,
                           args.force or args.db is None)
-    table = feather.read_table(sample, columns=list(schema.FEATURES) + [schema.PID])
+    import pyarrow as pa
+
+    try:
+        table = feather.read_table(sample, columns=list(schema.FEATURES) + [schema.PID])
+    except (pa.ArrowException, KeyError) as err:
+        raise LamarrError(f"{sample}: not a readable feather sample with the raw features "
+                          f"and {schema.PID} ({err})") from err
     table = table.slice(0, args.rows)
     feats = np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
     pid = table.column(schema.PID).to_numpy()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from effgen.codegen.abi import exported_names
 from effgen.config import library_cflags
-from effgen.errors import CompileError  # noqa: F401 (re-exported)
+from effgen.errors import CompileError
 
 # Portable by default: no -ffast-math (it made production objects import glibc's
 # __exp_finite family), no -march=native (the .so dispatches to AVX2/FMA itself).
@@ -53,7 +53,8 @@ def _nm(so_path, flag):
         raise FileNotFoundError(f"shared library {so_path} does not exist")
     proc = subprocess.run(["nm", "-D", flag, str(so_path)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"nm -D {flag} {so_path} failed: {proc.stderr.strip()}")
+        raise CompileError(f"{so_path}: not a readable shared library "
+                           f"(nm: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})")
     rows = []
     for line in proc.stdout.splitlines():
         parts = line.split()

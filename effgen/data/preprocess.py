@@ -139,8 +139,10 @@ def preprocess(input_path, output_dir, preprocessing_path, seed, force=False,
 
     table = open_sample(input_path)
     splits = split_indices(table.num_rows, seed)
-    if len(splits["train"]) == 0:
-        raise DataError(f"{input_path}: too few rows ({table.num_rows}) to split")
+    empty = [name for name, rows in splits.items() if len(rows) == 0]
+    if empty:  # refused before anything is written
+        raise DataError(f"{input_path}: too few rows ({table.num_rows}) to split: the "
+                        f"{', '.join(empty)} split would be empty")
     # Train rows are already a random permutation: the first ones are a random subset.
     ct = fit_preprocessing(_raw_features(table, splits["train"][:max_fit_rows]), seed)
 
