@@ -294,7 +294,8 @@ def test_cli_killed_mid_finetuning_resumes_without_rerunning_pretraining(tiny_da
     cmd = [sys.executable, "-m", "effgen", "train", "--train-data", str(tiny_dataset["train"]),
            "--validation-data", str(tiny_dataset["validation"]), "--output", str(out),
            "--batch-size", str(BATCH), "--steps-per-epoch", str(steps), "--width", "8",
-           "--blocks", "1", "--max-epochs", "100", "--pre-limit", "1", "--ft-limit", "600"]
+           "--blocks", "1", "--max-epochs", "100", "--pre-limit", "1", "--ft-limit", "600",
+           "--seed", "0"]  # train()'s default, for the resume below
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             cwd=Path(__file__).resolve().parents[1])
