@@ -12,7 +12,7 @@ from effgen.codegen.export import load_model
 from effgen.codegen.native import Library, check_library, exported_symbols, undefined_symbols
 from effgen.config import default_paths
 from effgen.data.reader import FeatherReader
-from effgen.errors import ExportError
+from effgen.errors import ExportError, PreprocessingError
 from effgen.provenance import load_preprocessing, sha256_of, trained_order, vouched_default
 
 
@@ -113,6 +113,8 @@ def run(args) -> int:
     if not args.library.is_file():
         raise ExportError(f"library {args.library} does not exist (run `make lamarr-lib`)")
     preprocessing = args.preprocessing
+    if preprocessing is not None and not preprocessing.is_file():
+        raise PreprocessingError(f"{preprocessing}: preprocessing file is missing")
     if preprocessing is None:
         preprocessing = vouched_default(default_paths()["preprocessing"], args.model)
     describe(args.library, model_path=args.model, preprocessing_path=preprocessing,
