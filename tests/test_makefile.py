@@ -80,7 +80,7 @@ def test_concurrent_runs_both_succeed_and_the_work_is_done_once(concurrent_runs)
     # Each stage ran once: the queued run found the other's outputs up to date.
     for stage in ("bin/effgen synth --n", "bin/effgen preprocess --input",
                   "bin/effgen train --resume", "bin/effgen validate",
-                  "bin/effgen export --backend", "-o " + str(_paths(work)["lib"])):
+                  "bin/effgen export --model", "-o " + str(_paths(work)["lib"])):
         assert logs.count(stage) == 1, (stage, logs[-3000:])
     assert logs.count("bin/effgen describe") == 2
     assert "waiting for the other run" in logs
