@@ -32,7 +32,7 @@ import numpy as np
 from effgen import schema
 from effgen.atomic import atomic_dir
 from effgen.codegen.native import exported_symbols
-from effgen.config import default_paths, positive_int, shipped_dir
+from effgen.config import add_knob, default_paths, positive_int, shipped_dir
 from effgen.errors import LamarrError
 
 # Lamarr's efficiency query (PyLamarr's tracking-efficiency step; SQLamarr's example
@@ -334,7 +334,7 @@ def register(subparsers):
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--library", required=True, help="compiled efficiency library (.so)")
-    p.add_argument("--symbol", default="efficiency")
+    add_knob(p, "--symbol", "SYMBOL")
     p.add_argument("--sample", help="feather file with raw features and mc_pid (default: the synth sample)")
     p.add_argument("--rows", type=positive_int("--rows"), default=20000,
                    help="first ROWS particles of the sample")
