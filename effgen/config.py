@@ -166,8 +166,12 @@ def workdir() -> Path:
     return Path(os.environ.get("EFFGEN_WORKDIR") or KNOBS["EFFGEN_WORKDIR"].default)
 
 
-def env_str(name: str, default: str) -> str:
-    return os.environ.get(name) or default
+def env_int(name: str, default: int) -> int:
+    """An environment integer outside the table (checked like a knob). Knobs belong in
+    the table: prefer add_knob / value()."""
+    raw = os.environ.get(name)
+    return default if not raw else parse(Knob(name, default, "int", ""), raw,
+                                         f"environment variable {name}")
 
 
 # Default locations of each stage's outputs. Paths never fail to parse, so they are read
