@@ -285,3 +285,13 @@ def test_export_refuses_a_bad_symbol_before_loading_anything(tmp_path):
         "effgen export: symbol 'system': a C library / libm name; the library would export it "
         "to Lamarr's whole process"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_track_type_outside_the_unit_interval_is_as_documented(lib, tmp_path):
+    """The header's promise: r < 0 gives 0, r >= 1 or NaN gives 5."""
+    p = np.float32([[0.2, 0.3, 0.1, 0.4], [0.0, 0.5, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    x = rows_for_probabilities(p)
+    for r, expected in ((-0.1, 0), (-np.inf, 0), (1.0, 5), (2.0, 5), (np.inf, 5), (np.nan, 5)):
+        assert list(lib.track_type(x, r)) == [expected] * 3, r
+    header = (lib.path.parent / "eff2.h").read_text()
+    assert "r < 0 gives 0; r >= 1 or a NaN r gives 5" in header

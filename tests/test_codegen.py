@@ -349,3 +349,52 @@ def test_manifest_names_backend_kind_and_functions(full_lib):
     assert m["kind"] == "efficiency" and m["isa_variants"] == ["baseline", "avx2+fma", "avx512f"]
     assert m["functions"] == {"row": "effgen_forward", "batch": "effgen_forward_batch",
                               "network": "effgen_network", "isa": "effgen_isa"}
+
+
+# ---- backends are plug-ins (issue 11) ------------------------------------------------------
+
+def test_backends_register_themselves():
+    from effgen.codegen import backends
+
+    assert backends.names()[:2] == ("effgen", "scikinc")
+    with pytest.raises(ValueError, match="backend 'nope': expected one of"):
+        backends.get("nope")
+
+
+def test_a_new_backend_is_one_registration(tmp_path, ct, model):
+    """A backend registered from outside export is found by name, handed the model,
+    chain and preprocessing, and wrapped with the ABI like the built-in ones."""
+    import json
+    import pickle
+
+    from effgen.codegen import backends
+    from effgen.codegen.export import export
+
+    seen = {}
+
+    def generate_toy(request):
+        seen.update(chain=request.chain.describe(), symbol=request.symbol, kind=request.kind.name)
+        return backends.Core(
+            source="static void toy_row(float *out, const float *in)\n"
+                   "{ (void)in; out[0] = 0.5f; out[1] = 0.25f; out[2] = 0.125f; out[3] = 0.125f; }\n",
+            row_fn="toy_row", info={"toy": True})
+
+    model.save(tmp_path / "model.keras")
+    with open(tmp_path / "tX.pkl", "wb") as f:
+        pickle.dump(ct, f)
+    toy = backends.register(backends.Backend(name="toy", description="test", generate=generate_toy))
+    try:
+        paths = export(tmp_path / "model.keras", tmp_path / "tX.pkl", tmp_path / "out", backend="toy",
+                       symbol="eff_toy")
+    finally:
+        backends._REGISTRY.pop(toy.name)
+    assert seen == {"chain": read_chain(model).describe(), "symbol": "eff_toy", "kind": "efficiency"}
+    lib = Library(compile_shared(paths["source"], tmp_path / "toy.so", cflags=PEDANTIC), "eff_toy")
+    check_library(lib.path, "eff_toy")
+    np.testing.assert_array_equal(lib.batch(np.zeros((3, 12), np.float32)),
+                                  np.tile(np.float32([0.5, 0.25, 0.125, 0.125]), (3, 1)))
+    m = lib.manifest()
+    on_disk = json.loads(paths["manifest"].read_text())
+    assert m["backend"] == on_disk["backend"] == "toy" and m["toy"] is True
+    assert on_disk["functions"] == {"row": "toy_row", "batch": None, "network": None, "isa": None}
+    assert {k: v for k, v in m.items() if k not in ("isa", "cflags", "compiler")} == on_disk

@@ -63,11 +63,11 @@ def test_draw_agreement_separates_rounding_from_errors():
 
 
 def test_draw_distribution_accepts_the_right_law_and_rejects_a_biased_one():
-    n, draws = 20_000, 200_000
+    n, n_draws = 20_000, 200_000
     ref = _probs(n, 3)
     log10_p = np.random.default_rng(4).uniform(2.5, 5.6, n).astype(np.float32)
-    u = np.random.default_rng(5).random(draws, dtype=np.float32)
-    rows = np.arange(draws) % n
+    u = np.random.default_rng(5).random(n_draws, dtype=np.float32)
+    rows = np.arange(n_draws) % n
     good = random_category.python_track_type(ref[rows], u)
     res = draws.draw_distribution(good, ref, log10_p)
     assert res["passed"], res
@@ -209,3 +209,26 @@ def test_a_library_from_another_model_is_flagged(tiny_model, tiny_dataset, raw_r
     assert any("model_sha256" in f for f in failures)
     assert any("max |C - TF|" in f for f in failures)
     assert "FAILED" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_a_source_without_its_manifest_is_refused_before_any_work(tmp_path):
+    """The backend and the network function come from the manifest export writes
+    beside the source, not from the C text: without it, parity stops at once."""
+    write_sources(Core("static void core(float *out, const float *in) { (void)in; "
+                       "out[0] = out[1] = out[2] = out[3] = 0.25f; }", "core"),
+                  tmp_path, symbol="efficiency", manifest={"backend": "effgen"})
+    (tmp_path / "efficiency.json").unlink()
+    with pytest.raises(parity.ParityError, match="no manifest .*efficiency.json"):
+        parity.run_parity(model_path=tmp_path / "absent.keras", preprocessing_path=tmp_path / "absent.pkl",
+                          raw=np.zeros((4, 12), np.float32), source=tmp_path / "efficiency.c",
+                          output_dir=tmp_path / "out", progress=False)
+
+
+def test_worker_runs_under_its_old_and_new_module_paths(tmp_path):
+    import subprocess
+    import sys
+
+    for module in ("effgen.checks.parity", "effgen.checks.parity_worker"):
+        res = subprocess.run([sys.executable, "-m", module, "--worker", str(tmp_path / "missing.json")],
+                             capture_output=True, text=True)
+        assert res.returncode != 0 and "missing.json" in res.stderr, (module, res.stderr[-500:])

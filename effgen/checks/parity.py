@@ -133,6 +133,11 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
     for v in variants:
         if v not in VARIANTS:
             raise ParityError(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")
+    # What export recorded: the backend and the core's network-alone function.
+    built = source_manifest(source) if source is not None else {}
+    backend = built.get("backend")
+    net_fn = (built.get("functions") or {}).get("network")
+    n_outputs = len(built.get("outputs") or schema.OUTPUTS)
     if raw is None:
         if data_dir is None:
             raise ParityError("no rows: give data_dir (a validation directory) or raw")
@@ -152,10 +157,6 @@ def run_parity(*, model_path, preprocessing_path, raw=None, data_dir=None, libra
     targets = []
     if library is not None:
         targets.append(abi_spec(library, header, build_helpers(work / "build"), symbol=symbol))
-    built = source_manifest(source) if source is not None else {}
-    backend = built.get("backend")
-    net_fn = (built.get("functions") or {}).get("network")
-    n_outputs = len(built.get("outputs") or schema.OUTPUTS)
     build_failures = {}
     if source is not None:
         for v in variants:
