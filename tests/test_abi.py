@@ -229,9 +229,8 @@ def test_internal_calls_ignore_an_interposing_library(tmp_path):
     assert list(other.track_type(x, 0.5)) == [3] * 5
 
 
-@pytest.mark.parametrize("flag", ["-ffast-math", "-Ofast", "-ffinite-math-only",
-                                  "-funsafe-math-optimizations", "-fassociative-math -fno-trapping-math -fno-signed-zeros",
-                                  "-freciprocal-math"])
+@pytest.mark.parametrize("flag", ["-ffast-math", "-Ofast", "-ffinite-math-only", "-funsafe-math-optimizations",
+                                  "-fassociative-math -fno-trapping-math -fno-signed-zeros", "-freciprocal-math"])
 def test_flags_that_break_the_guarantees_are_refused(tmp_path, flag):
     from effgen.errors import CompileError
 

@@ -284,7 +284,7 @@ def test_weights_are_printed_so_they_read_back_exactly(model):
     chain = read_chain(model)
     identity = PreprocessingIR(n_inputs=12, outputs=[Output("passthrough", i) for i in range(12)])
     src, _ = generate(chain, identity)
-    for k, op in enumerate(chain.ops[:-1]):  # the Softmax has no weights
+    for op in chain.ops[:-1]:  # the Softmax has no weights
         dense = getattr(op, "dense", op)
         for suffix, expected in (("w", dense.kernel), ("b", dense.bias)):
             body = re.search(rf"effgen_layer_{dense.name}_{suffix}\[[^]]*\] EFFGEN_ALIGN = \{{(.*?)\}};", src, re.S)
