@@ -57,7 +57,7 @@ class ModelKind:
 
 EFFICIENCY = ModelKind(
     name="efficiency",
-    description="Lamarr tracking efficiency: 12 raw features -> 4 class probabilities",
+    description="Lamarr tracking-efficiency model",
     inputs=tuple(schema.FEATURES),
     outputs=tuple(schema.OUTPUTS),
     # What each raw feature is (DOMAIN.md section 2), for the generated header.
