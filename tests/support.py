@@ -7,6 +7,7 @@ from sklearn.compose import ColumnTransformer
 from sklearn.preprocessing import QuantileTransformer
 
 from effgen.codegen.abi import render_abi
+from effgen.codegen.backends import Core
 from effgen.codegen.native import Library, compile_shared
 
 OUTPUTS = ["not_recoed", "long", "upstream", "downstream"]
@@ -92,10 +93,10 @@ static void test_core_batch(float *out, const float *in, long n)
 """
 
 def build_abi_library(tmp_path, symbol="eff2", has_batch=False):
-    src, hdr = render_abi(CORE_BATCH if has_batch else CORE, "test_core", symbol=symbol,
-                          n_inputs=12, input_names=NAMES, output_names=OUTPUTS,
-                          manifest={"backend": "test", "model_sha256": "00ff"},
-                          has_batch=has_batch)
+    core = Core(source=CORE_BATCH if has_batch else CORE, row_fn="test_core",
+                batch_fn="test_core_batch" if has_batch else None)
+    src, hdr = render_abi(core, symbol=symbol, input_names=NAMES,
+                          manifest={"backend": "test", "model_sha256": "00ff"})
     (tmp_path / f"{symbol}.c").write_text(src)
     (tmp_path / f"{symbol}.h").write_text(hdr)
     so = compile_shared(tmp_path / f"{symbol}.c", tmp_path / f"lib{symbol}.so", cflags=ABI_PEDANTIC)

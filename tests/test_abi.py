@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from support import CORE, build_abi_library, lamarr_sum, rows_for_probabilities
 
-from effgen.codegen.abi import exported_names, python_track_type, render_abi
+from effgen.checks.random_category import python_track_type
+from effgen.codegen.abi import exported_names, render_abi
+from effgen.codegen.backends import Core
 from effgen.codegen.native import check_library, exported_symbols, undefined_symbols
 
 PEDANTIC = ("-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-pedantic")
@@ -178,6 +180,117 @@ int main(void)
 
 
 def test_invalid_symbol_is_refused():
-    with pytest.raises(ValueError, match="not a valid C identifier"):
-        render_abi(CORE, "test_core", symbol="1eff", n_inputs=12, input_names=NAMES,
-                   output_names=OUTPUTS, manifest={})
+    with pytest.raises(ValueError, match="not a C identifier"):
+        render_abi(Core(CORE, "test_core"), symbol="1eff", input_names=NAMES, manifest={})
+
+
+def test_manifest_records_the_kind_and_the_core_functions(lib):
+    m = lib.manifest()
+    assert m["kind"] == "efficiency"
+    assert m["functions"]["row"] == "test_core" and m["functions"]["network"] is None
+    assert m["functions"]["batch"] in (None, "test_core_batch")
+
+
+# ---- library hygiene (issue 12) ---------------------------------------------------------
+
+# A core whose every output is a fixed, valid distribution: two libraries with the same
+# symbol but different constants tell which one answered.
+def _constant_core(p):
+    body = "".join(f"    out[{k}] = {v!r}f;\n" for k, v in enumerate(p))
+    return Core(f"static void const_core(float *out, const float *in)\n{{\n    (void)in;\n{body}}}\n",
+                "const_core")
+
+
+def _build(core, directory, symbol, cflags=PEDANTIC):
+    from effgen.codegen.native import Library, compile_shared
+
+    directory.mkdir(parents=True, exist_ok=True)
+    src, _ = render_abi(core, symbol=symbol, input_names=NAMES, manifest={"backend": "test"})
+    (directory / f"{symbol}.c").write_text(src)
+    return Library(compile_shared(directory / f"{symbol}.c", directory / f"lib{symbol}.so",
+                                  cflags=cflags), symbol)
+
+
+def test_internal_calls_ignore_an_interposing_library(tmp_path):
+    """Another library exporting the same names, loaded first with RTLD_GLOBAL (as
+    LD_PRELOAD would), must not answer this library's batch and track_type calls."""
+    import ctypes
+
+    other = _build(_constant_core([0.0, 1.0, 0.0, 0.0]), tmp_path / "other", "interposed")
+    ctypes.CDLL(str(other.path), mode=ctypes.RTLD_GLOBAL)
+    this = _build(_constant_core([1.0, 0.0, 0.0, 0.0]), tmp_path / "this", "interposed")
+    x = np.zeros((5, 12), np.float32)
+    x[1, 0] = np.inf  # a row that the batch redoes one by one
+    expected = np.tile(np.float32([1, 0, 0, 0]), (5, 1))
+    np.testing.assert_array_equal(this.per_call(x), expected)
+    np.testing.assert_array_equal(this.batch(x), expected)
+    # r = 0.5: track type 0 from this model, 3 (long) from the other one
+    assert list(this.track_type(x, 0.5)) == [0] * 5
+    assert list(other.track_type(x, 0.5)) == [3] * 5
+
+
+@pytest.mark.parametrize("flag", ["-ffast-math", "-Ofast", "-ffinite-math-only", "-funsafe-math-optimizations",
+                                  "-fassociative-math -fno-trapping-math -fno-signed-zeros", "-freciprocal-math"])
+def test_flags_that_break_the_guarantees_are_refused(tmp_path, flag):
+    from effgen.errors import CompileError
+
+    with pytest.raises(CompileError, match="#error.*effgen: built with"):
+        _build(_constant_core([1.0, 0.0, 0.0, 0.0]), tmp_path, "eff_fm",
+               cflags=PEDANTIC + tuple(flag.split()))
+
+
+@pytest.mark.parametrize("flag", ["-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros"])
+def test_harmless_math_flags_still_build(tmp_path, flag):
+    lib = _build(_constant_core([1.0, 0.0, 0.0, 0.0]), tmp_path, "eff_ok", cflags=PEDANTIC + (flag,))
+    assert list(lib.track_type(np.zeros((1, 12), np.float32), 0.5)) == [0]
+
+
+@pytest.mark.parametrize("symbol, rule", [
+    ("efficiency\n", "not a C identifier"), ("eff-1", "not a C identifier"),
+    ("1eff", "not a C identifier"), ("", "empty"), ("x" * 65, "at most 64"),
+    ("x" * 5000, "at most 64"), ("_start", "starts with '_'"), ("__libc_start_main", "starts with '_'"),
+    ("int", "C keyword"), ("restrict", "C keyword"), ("_Bool", "starts with '_'"),
+    ("system", "C library"), ("main", "C library"), ("exp", "C library"), ("expf", "C library"),
+    ("tanhf", "C library"), ("malloc", "C library"), ("effgen_x", "effgen's prefix"),
+    ("EFFGEN_X", "effgen's prefix"),
+])
+def test_bad_symbols_are_refused_naming_the_rule(symbol, rule):
+    from effgen.codegen.symbols import check_symbol
+    from effgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rule):
+        check_symbol(symbol)
+    with pytest.raises(ConfigError, match=rule):
+        render_abi(Core(CORE, "test_core"), symbol=symbol, input_names=NAMES, manifest={})
+
+
+@pytest.mark.parametrize("symbol", ["efficiency", "eff2", "x" * 64, "Efficiency_v2", "acceptance"])
+def test_good_symbols_pass(symbol):
+    from effgen.codegen.symbols import check_symbol
+
+    assert check_symbol(symbol) == symbol
+
+
+def test_export_refuses_a_bad_symbol_before_loading_anything(tmp_path):
+    """`effgen export --symbol` prints one line naming the rule (no model or pickle
+    exists: the symbol is checked first)."""
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "effgen", "export", "--model", str(tmp_path / "none.keras"),
+                          "--preprocessing", str(tmp_path / "none.pkl"), "--output-dir", str(tmp_path),
+                          "--symbol", "system"], capture_output=True, text=True)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        "effgen export: symbol 'system': a C library / libm name; the library would export it "
+        "to Lamarr's whole process"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_track_type_outside_the_unit_interval_is_as_documented(lib, tmp_path):
+    """The header's promise: r < 0 gives 0, r >= 1 or NaN gives 5."""
+    p = np.float32([[0.2, 0.3, 0.1, 0.4], [0.0, 0.5, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    x = rows_for_probabilities(p)
+    for r, expected in ((-0.1, 0), (-np.inf, 0), (1.0, 5), (2.0, 5), (np.inf, 5), (np.nan, 5)):
+        assert list(lib.track_type(x, r)) == [expected] * 3, r
+    header = (lib.path.parent / "eff2.h").read_text()
+    assert "r < 0 gives 0; r >= 1 or a NaN r gives 5" in header

@@ -14,12 +14,12 @@ from sklearn.compose import ColumnTransformer
 from sklearn.preprocessing import FunctionTransformer, QuantileTransformer, StandardScaler
 from support import edge_values, fit_preprocessing, raw_features, seed_like_model
 
-from effgen.codegen.abi import python_track_type
+from effgen.checks.random_category import python_track_type
 from effgen.codegen.backends.effgen_c import (
     generate,
     generate_activations,
+    generate_core,
     generate_preprocessing,
-    network_function,
 )
 from effgen.codegen.graph import evaluate, read_chain
 from effgen.codegen.native import Library, check_library, compile_shared
@@ -256,7 +256,7 @@ void test_network(float *out, const float *z, long n)
 {{
     long r;
     for (r = 0; r < n; ++r)
-        {network_function("efficiency")}(out + 4 * r, z + 12 * r);
+        {generate_core(chain, identity).network_fn}(out + 4 * r, z + 12 * r);
 }}
 """
     lib = Library(build(tmp_path, src, "net"), "efficiency")
@@ -284,9 +284,117 @@ def test_weights_are_printed_so_they_read_back_exactly(model):
     chain = read_chain(model)
     identity = PreprocessingIR(n_inputs=12, outputs=[Output("passthrough", i) for i in range(12)])
     src, _ = generate(chain, identity)
-    for k, op in enumerate(chain.ops[:-1]):  # the Softmax has no weights
+    for op in chain.ops[:-1]:  # the Softmax has no weights
         dense = getattr(op, "dense", op)
         for suffix, expected in (("w", dense.kernel), ("b", dense.bias)):
-            body = re.search(rf"effgen_l{k}_{suffix}\[[^]]*\] EFFGEN_ALIGN = \{{(.*?)\}};", src, re.S)
+            body = re.search(rf"effgen_layer_{dense.name}_{suffix}\[[^]]*\] EFFGEN_ALIGN = \{{(.*?)\}};", src, re.S)
             values = np.array([np.float32(v.strip().rstrip("f")) for v in body.group(1).split(",")])
             np.testing.assert_array_equal(values, expected.ravel())
+
+
+# ---- the generated file reads top-down (issue 11) -----------------------------------------
+
+def test_fast_tanh_constants_are_the_fit_scripts_output():
+    from effgen.codegen import fit_tanh
+
+    p, q = fit_tanh.fit()
+    template = generate_activations("fast")
+    for line in fit_tanh.c_lines(p, q):
+        assert f"    {line}\n" in template, line
+    x = np.linspace(0.0, fit_tanh.X_MAX, 100001)
+    assert np.abs(fit_tanh.evaluate(p, q, x) - np.tanh(x)).max() < 1e-7
+
+
+def test_source_order_names_and_dispatch(ct, model):
+    import re
+
+    from effgen.codegen.backends.effgen_c import VARIANTS
+
+    src, _ = generate(read_chain(model), read_preprocessing(ct), symbol="eff2")
+    first_table = min(m.start() for m in re.finditer(r"^static const (float|double|short|int) effgen_\w+\[[^]]*\]"
+                                                     r"( EFFGEN_ALIGN)? = \{", src, re.M))
+    exported = [src.index(f"EFFGEN_EXPORT {t}eff2{s}(") for t, s in
+                (("float *", ""), ("void ", "_batch"), ("int ", "_track_type"), ("const char *", "_manifest"))]
+    sections = [src.index(s) for s in ("Contents, in file order", "==== 1.", "2.3 Preprocessing",
+                                       "2.4 Activations", "Code path portable", "Dispatch:", "==== 3.",
+                                       "==== 4.")]
+    assert sections == sorted(sections) and max(exported) < first_table
+    assert re.search(r"\w \+ 0(?![.\w])|\+ 0 \+|\[0 \+ ", src) is None
+    # every Dense layer named after its Keras layer, in comments and C symbols
+    for op in read_chain(model).ops[:-1]:
+        name = getattr(op, "dense", op).name
+        assert f"static void effgen_layer_{name}_portable(" in src and f"Layer {name} " in src
+    # one dispatch entry per code path, in VARIANTS order
+    for fn in ("forward", "forward_batch", "network"):
+        table = re.search(rf"effgen_resolve_{fn}\(void\)\n\{{\n.*?= \{{(.*?)\}};", src, re.S).group(1)
+        assert [e.strip() for e in table.split(",") if e.strip()] == [f"effgen_{fn}_{v['name']}" for v in VARIANTS]
+
+
+def test_layer_symbols_stay_unique_for_awkward_keras_names(tmp_path):
+    inp = keras.layers.Input((12,))
+    h = keras.layers.Dense(8, activation="tanh", name="a-b")(inp)
+    h = keras.layers.Dense(8, activation="tanh", name="a_b")(h)
+    h = keras.layers.Dense(8, activation="tanh", name="tanh")(h)
+    out = keras.layers.Softmax(name="network")(keras.layers.Dense(4, name="d_tile")(h))
+    model = keras.Model(inp, out)
+    identity = PreprocessingIR(n_inputs=12, outputs=[Output("passthrough", i) for i in range(12)])
+    src, _ = generate(read_chain(model), identity, symbol="eff3")
+    lib = Library(build(tmp_path, src, "eff3"), "eff3")
+    x = np.random.default_rng(3).normal(size=(100, 12)).astype(np.float32)
+    np.testing.assert_allclose(lib.batch(x), model.predict(x, verbose=0), rtol=0, atol=TOL)
+
+
+def test_manifest_names_backend_kind_and_functions(full_lib):
+    m = full_lib.manifest()
+    assert m["kind"] == "efficiency" and m["isa_variants"] == ["baseline", "avx2+fma", "avx512f"]
+    assert m["functions"] == {"row": "effgen_forward", "batch": "effgen_forward_batch",
+                              "network": "effgen_network", "isa": "effgen_isa"}
+
+
+# ---- backends are plug-ins (issue 11) ------------------------------------------------------
+
+def test_backends_register_themselves():
+    from effgen.codegen import backends
+
+    assert backends.names()[:2] == ("effgen", "scikinc")
+    with pytest.raises(ValueError, match="backend 'nope': expected one of"):
+        backends.get("nope")
+
+
+def test_a_new_backend_is_one_registration(tmp_path, ct, model):
+    """A backend registered from outside export is found by name, handed the model,
+    chain and preprocessing, and wrapped with the ABI like the built-in ones."""
+    import json
+    import pickle
+
+    from effgen.codegen import backends
+    from effgen.codegen.export import export
+
+    seen = {}
+
+    def generate_toy(request):
+        seen.update(chain=request.chain.describe(), symbol=request.symbol, kind=request.kind.name)
+        return backends.Core(
+            source="static void toy_row(float *out, const float *in)\n"
+                   "{ (void)in; out[0] = 0.5f; out[1] = 0.25f; out[2] = 0.125f; out[3] = 0.125f; }\n",
+            row_fn="toy_row", info={"toy": True})
+
+    model.save(tmp_path / "model.keras")
+    with open(tmp_path / "tX.pkl", "wb") as f:
+        pickle.dump(ct, f)
+    toy = backends.register(backends.Backend(name="toy", description="test", generate=generate_toy))
+    try:
+        paths = export(tmp_path / "model.keras", tmp_path / "tX.pkl", tmp_path / "out", backend="toy",
+                       symbol="eff_toy")
+    finally:
+        backends._REGISTRY.pop(toy.name)
+    assert seen == {"chain": read_chain(model).describe(), "symbol": "eff_toy", "kind": "efficiency"}
+    lib = Library(compile_shared(paths["source"], tmp_path / "toy.so", cflags=PEDANTIC), "eff_toy")
+    check_library(lib.path, "eff_toy")
+    np.testing.assert_array_equal(lib.batch(np.zeros((3, 12), np.float32)),
+                                  np.tile(np.float32([0.5, 0.25, 0.125, 0.125]), (3, 1)))
+    m = lib.manifest()
+    on_disk = json.loads(paths["manifest"].read_text())
+    assert m["backend"] == on_disk["backend"] == "toy" and m["toy"] is True
+    assert on_disk["functions"] == {"row": "toy_row", "batch": None, "network": None, "isa": None}
+    assert {k: v for k, v in m.items() if k not in ("isa", "cflags", "compiler")} == on_disk

@@ -238,8 +238,10 @@ def test_export_killed_while_writing_the_source(models, tmp_path, backend):
         # renames (the .h first). Each file is still whole, the .c is the previous one
         # (compiled above), and the next export, which make runs as the .c is stale,
         # repairs the pair (checked just below).
-        assert killed == {"source": before["source"], "header": after["header"]}, \
-            "the .c and .h are neither a whole export nor the known commit window"
+        # (the .h and the manifest .json are renamed before the .c)
+        assert killed["source"] == before["source"] and killed["header"] == after["header"] \
+            and killed["manifest"] in (before["manifest"], after["manifest"]), \
+            "the .c, .h and .json are neither a whole export nor the known commit window"
     assert sha256_of(new) in paths["source"].read_text() and sha256_of(new) in paths["header"].read_text()
     assert (out / "efficiency.so").read_bytes() == b"built earlier"
     assert _hidden(out) == [], "stale temporaries were not swept"

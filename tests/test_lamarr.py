@@ -12,7 +12,7 @@ import pyarrow.feather as feather
 import pytest
 
 from effgen import schema
-from effgen.checks import lamarr, parity
+from effgen.checks import draws, lamarr, parity, parity_compare
 
 MOCK_C = r"""
 #include <math.h>
@@ -109,7 +109,7 @@ def test_random_category_counts_match_constant_probabilities(mock_library, sampl
     assert len(frame) == n and len(frame.attrs["databases"]) == 2
     probs = np.tile(np.float32([0.125, 0.5, 0.25, 0.125]), (n, 1))
     np.testing.assert_array_equal(frame[schema.OUTPUTS].to_numpy(), probs)
-    dist = parity.draw_distribution(frame["track_type"].to_numpy(), probs,
+    dist = draws.draw_distribution(frame["track_type"].to_numpy(), probs,
                                     raw[frame["row"].to_numpy(), schema.FEATURES.index("mc_log10_p")])
     assert dist["other_types"] == 0
     assert dist["overall"]["dof"] == 3
@@ -179,12 +179,12 @@ def test_project_library_inside_lamarr(project_library, tiny_dataset, sample_row
     np.testing.assert_array_equal(Library(so).per_call(feats), probs)
     # TensorFlow on the same inputs: within the effgen tolerance.
     tf_probs, _ = parity.tf_reference(model, load_preprocessing(tiny_dataset["preprocessing"]), feats)
-    assert np.abs(probs.astype(np.float64) - tf_probs).max() <= parity.TOLERANCES["effgen"]["function"]
+    assert np.abs(probs.astype(np.float64) - tf_probs).max() <= parity_compare.TOLERANCES["effgen"]["function"]
 
     # Lamarr's draws (its own ranlux48 uniforms) follow TF's probabilities.
     types = frame["track_type"].to_numpy()
     assert set(np.unique(types)) <= {0, 3, 4, 5}
-    dist = parity.draw_distribution(types, tf_probs, feats[:, schema.FEATURES.index("mc_log10_p")])
+    dist = draws.draw_distribution(types, tf_probs, feats[:, schema.FEATURES.index("mc_log10_p")])
     assert dist["passed"], dist
     # The CLI's own check (direct calls + goodness of fit against the library) agrees.
     assert lamarr.check_against_library(frame, so) == 0

@@ -15,6 +15,7 @@ from effgen import config
 from effgen.checks import parity
 from effgen.codegen import native
 from effgen.codegen.abi import render_abi
+from effgen.codegen.backends import Core
 from effgen.codegen.native import Library
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,10 +152,8 @@ def staged_work(tmp_path):
     """A work directory whose stages up to the generated C look done (mtimes in order),
     so that `make <lib>` only compiles: the C is a hand-written core behind the ABI."""
     work = tmp_path / "w"
-    src, hdr = render_abi(CORE, "test_core", symbol="efficiency", n_inputs=12,
-                          input_names=[f"f{i}" for i in range(12)],
-                          output_names=["not_recoed", "long", "upstream", "downstream"],
-                          manifest={"backend": "test"})
+    src, hdr = render_abi(Core(source=CORE, row_fn="test_core"), symbol="efficiency",
+                          input_names=[f"f{i}" for i in range(12)], manifest={"backend": "test"})
     files = [("data/sample.feather", ""), ("data/train/definitions.json", "{}"),
              ("model/tX.pkl", ""), ("model/model.keras", ""), ("lamarr/.backend", "effgen efficiency\n"),
              ("lamarr/efficiency.h", hdr), ("lamarr/efficiency.c", src)]

@@ -34,7 +34,8 @@ def wheel(tmp_path_factory):
 def test_wheel_ships_every_template_and_harness_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder in ("templates", "c_harness"):
-        files = sorted(p.name for p in (REPO / folder).iterdir() if p.is_file())
+        files = sorted(p.relative_to(REPO / folder).as_posix()
+                       for p in (REPO / folder).rglob("*") if p.is_file())
         assert files, folder
         missing = [f for f in files if f"effgen/{folder}/{f}" not in names]
         assert missing == [], (folder, missing)
@@ -58,7 +59,7 @@ def test_installed_package_exports_without_the_checkout(wheel, tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         return res.stdout
 
-    where = run("-c", "import effgen.codegen.abi, effgen.checks.parity as p; "
+    where = run("-c", "import effgen.codegen.abi, effgen.checks.parity_build as p; "
                       "print(effgen.codegen.abi.templates_dir()); print(p.HARNESS_DIR)").split()
     assert [Path(w) for w in where] == [site / "effgen" / "templates", site / "effgen" / "c_harness"]
     run("-m", "effgen", "export", "--model", "model.keras", "--preprocessing", "tX.pkl",

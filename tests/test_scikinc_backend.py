@@ -93,12 +93,13 @@ def seed_case(tmp_path_factory):
     """Seed topology (width 128, 5 residual blocks), random weights, compiled core."""
     model = _with_random_biases(build_model(seed=7), seed=3)
     ct = _preprocessing(_features(20_000, seed=1))
-    source, core_fn = generate_core(model, ct, symbol="efficiency")
+    core = generate_core(model, ct, symbol="efficiency")
+    source, core_fn = core.source, core.row_fn
     lib = _compile(_test_exports(source, core_fn, "efficiency", 4),
                    tmp_path_factory.mktemp("scikinc") / "seed.so")
     x = _features(N_ROWS, seed=2)
     z = ct.transform(x.astype(np.float64))
-    return dict(model=model, ct=ct, source=source, core_fn=core_fn, lib=lib, x=x, z=z,
+    return dict(model=model, ct=ct, core=core, source=source, core_fn=core_fn, lib=lib, x=x, z=z,
                 reference=model.predict(z.astype(np.float32), batch_size=8192, verbose=0))
 
 
@@ -162,7 +163,8 @@ def test_other_activations_and_no_softmax(tmp_path, swap):
     model = _with_random_biases(keras.Model(inp, keras.layers.Dense(3)(h)), seed=5)
     x = _features(3000, seed=4)
     ct = _preprocessing(x)
-    source, core_fn = generate_core(model, ct, symbol="other")
+    core = generate_core(model, ct, symbol="other")
+    source, core_fn = core.source, core.row_fn
     lib = _compile(_test_exports(source, core_fn, "other", 3), tmp_path / "other.so")
     z = ct.transform(x.astype(np.float64)).astype(np.float32)
     np.testing.assert_allclose(_batch(lib.t_net, z, 3), model.predict(z, verbose=0), rtol=0, atol=1e-5)
@@ -201,8 +203,7 @@ def test_through_the_abi_layer(seed_case, tmp_path):
     from effgen.codegen.native import Library, check_library, compile_shared
 
     c_source, header = render_abi(
-        seed_case["source"], seed_case["core_fn"], symbol="efficiency", n_inputs=12,
-        input_names=schema.FEATURES, output_names=schema.OUTPUTS,
+        seed_case["core"], symbol="efficiency",
         manifest={"backend": "scikinc", "model_sha256": "not-a-real-model"})
     (tmp_path / "efficiency.c").write_text(c_source)
     so = compile_shared(tmp_path / "efficiency.c", tmp_path / "efficiency.so")

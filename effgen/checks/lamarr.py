@@ -31,6 +31,7 @@ import numpy as np
 
 from effgen import schema
 from effgen.atomic import atomic_dir
+from effgen.checks.draws import draw_distribution
 from effgen.codegen.native import exported_symbols
 from effgen.config import add_knob, default_paths, positive_int, shipped_dir
 from effgen.errors import LamarrError
@@ -397,7 +398,6 @@ def check_against_library(frame, library, symbol="efficiency") -> int:
     """What Lamarr stored against the library called directly on the inputs SQLamarr
     passed (must be identical), and Lamarr's draws against those probabilities
     (parity's goodness-of-fit test). Prints a summary; returns 0 if both hold."""
-    from effgen.checks.parity import draw_distribution
     from effgen.codegen.native import Library
 
     feats = frame[schema.FEATURES].to_numpy()

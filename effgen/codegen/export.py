@@ -1,11 +1,14 @@
 """`effgen export`: the trained model + fitted preprocessing -> <symbol>.c / <symbol>.h
 with the Lamarr ABI; `effgen export --describe LIB.so` inspects a built library."""
 
+import json
 from pathlib import Path
 
-from effgen import schema
 from effgen.atomic import atomic_outputs
-from effgen.codegen.abi import check_symbol, render_abi
+from effgen.codegen import backends
+from effgen.codegen.abi import library_manifest, render_abi
+from effgen.codegen.kinds import EFFICIENCY
+from effgen.codegen.symbols import check_symbol
 from effgen.errors import ExportError  # noqa: F401 (re-exported)
 from effgen.provenance import (
     check_contract,
@@ -17,14 +20,6 @@ from effgen.provenance import (
     sha256_of,
 )
 
-BACKENDS = ("effgen", "scikinc")
-
-
-
-
-
-
-
 
 def load_model(path):
     return load_keras_model(path, compile=False)
@@ -32,12 +27,23 @@ def load_model(path):
 
 
 
+def manifest_path(source) -> Path:
+    """Where export writes the manifest of a generated source (<symbol>.json beside
+    <symbol>.c): backend, kind, function names, hashes; what the library's
+    SYMBOL_manifest() returns, less the build's isa, cflags and compiler."""
+    return Path(source).with_suffix(".json")
+
+
 def export(model_path, preprocessing_path, output_dir, *, backend="effgen", symbol="efficiency",
-           sklearn_dtype="float64", tanh="fast") -> dict:
-    """Write <output_dir>/<symbol>.c and .h (atomically); return their paths."""
+           sklearn_dtype="float64", tanh="fast", kind=EFFICIENCY) -> dict:
+    """Write <output_dir>/<symbol>.c, .h and .json (atomically); return their paths."""
     check_symbol(symbol)
-    if backend not in BACKENDS:
-        raise ExportError(f"backend {backend!r}: expected one of {BACKENDS}")
+    try:
+        plugin = backends.get(backend)
+    except ValueError as err:
+        raise ExportError(str(err)) from err
+    if kind.name not in plugin.kinds:
+        raise ExportError(f"backend {backend!r} does not generate {kind.name} models")
     model_path, preprocessing_path = Path(model_path), Path(preprocessing_path)
     if not preprocessing_path.is_file():
         raise FileNotFoundError(f"preprocessing {preprocessing_path} does not exist (run `effgen preprocess`)")
@@ -57,38 +63,36 @@ def export(model_path, preprocessing_path, output_dir, *, backend="effgen", symb
         raise ExportError(f"model {model_path} takes {n_model} inputs but preprocessing "
                           f"{preprocessing_path} outputs {n_pre} columns")
     n_raw = int(getattr(ct, "n_features_in_", -1))
-    if n_raw != len(schema.FEATURES):
+    if n_raw != kind.n_inputs:
         raise ExportError(f"preprocessing {preprocessing_path} takes {n_raw} raw features; the "
-                          f"efficiency ABI takes {len(schema.FEATURES)} ({', '.join(schema.FEATURES)})")
+                          f"{kind.name} ABI takes {kind.n_inputs} ({', '.join(kind.inputs)})")
     from effgen.codegen.graph import UnsupportedModelError, read_chain
 
     try:  # for every backend: the scikinc one would not notice a wrong output count
-        chain = read_chain(model, n_outputs=len(schema.OUTPUTS))
+        chain = read_chain(model, n_outputs=kind.n_outputs)
     except UnsupportedModelError as err:
         raise UnsupportedModelError(f"{model_path}: {err}") from err
     manifest = {**hashes, "model_file": model_path.name,
                 "trained_with_this_preprocessing": "checked" if provenance_checked else "unknown"}
 
-    if backend == "effgen":
-        from effgen.codegen.backends.effgen_c import generate
-        from effgen.codegen.preprocessing_ir import read_preprocessing
+    manifest["backend"] = plugin.name
+    core = plugin.generate(backends.Request(
+        model=model, chain=chain, preprocessing=ct, symbol=symbol, kind=kind,
+        options={"sklearn_dtype": sklearn_dtype, "tanh": tanh}))
+    return write_sources(core, output_dir, symbol=symbol, manifest=manifest, kind=kind)
 
-        source, header = generate(chain, read_preprocessing(ct, sklearn_dtype),
-                                  symbol=symbol, manifest=manifest, tanh=tanh)
-    else:
-        try:
-            from effgen.codegen.backends.scikinc import generate_core
-        except ImportError as err:
-            raise ExportError(f"the scikinc backend is not available ({err})") from err
-        core, core_fn = generate_core(model, ct, symbol=symbol)
-        manifest["backend"] = "scikinc"
-        source, header = render_abi(core, core_fn, symbol=symbol, n_inputs=n_raw,
-                                    input_names=schema.FEATURES, output_names=schema.OUTPUTS,
-                                    manifest=manifest)
+
+def write_sources(core: backends.Core, output_dir, *, symbol, manifest, kind=EFFICIENCY) -> dict:
+    """Wrap `core` with the ABI layer and write <symbol>.c, .h and .json into
+    output_dir, renamed together (never a .h or manifest of another .c)."""
+    source, header = render_abi(core, symbol=symbol, manifest=manifest, kind=kind)
+    info = library_manifest(core, symbol=symbol, manifest=manifest, kind=kind)
     out = Path(output_dir)
     paths = {"source": out / f"{symbol}.c", "header": out / f"{symbol}.h"}
-    with atomic_outputs() as staged:  # both renamed together: never a .h of another .c
-        for key, text in (("header", header), ("source", source)):
+    paths["manifest"] = manifest_path(paths["source"])
+    texts = {"header": header, "manifest": json.dumps(info, indent=2) + "\n", "source": source}
+    with atomic_outputs() as staged:
+        for key, text in texts.items():
             with staged.file(paths[key], "w") as f:
                 f.write(text)
     return paths
@@ -105,7 +109,7 @@ def register(subparsers):
     p.add_argument("--preprocessing", type=Path, default=paths["preprocessing"],
                    help="pickled fitted ColumnTransformer")
     p.add_argument("--output-dir", type=Path, default=paths["lamarr"])
-    add_knob(p, "--backend", "BACKEND", choices=BACKENDS)
+    add_knob(p, "--backend", "BACKEND", choices=backends.names())
     add_knob(p, "--symbol", "SYMBOL")
     p.add_argument("--sklearn-dtype", choices=("float64", "float32"), default="float64",
                    help="dtype the preprocessing was applied to when training (effgen preprocess: float64)")

@@ -6,8 +6,9 @@ import subprocess
 from pathlib import Path
 
 from effgen.codegen.abi import exported_names
+from effgen.codegen.kinds import EFFICIENCY
 from effgen.config import library_cflags
-from effgen.errors import CompileError
+from effgen.errors import CompileError  # noqa: F401 (re-exported)
 
 # Portable by default: no -ffast-math (it made production objects import glibc's
 # __exp_finite family), no -march=native (the .so dispatches to AVX2/FMA itself).
@@ -90,7 +91,8 @@ def check_library(so_path, symbol) -> None:
 class Library:
     """A built model library opened with ctypes, with numpy-friendly calls."""
 
-    def __init__(self, so_path, symbol="efficiency", n_inputs=12, n_outputs=4):
+    def __init__(self, so_path, symbol="efficiency", n_inputs=EFFICIENCY.n_inputs,
+                 n_outputs=EFFICIENCY.n_outputs):
         import ctypes
 
         self.path, self.symbol = Path(so_path).resolve(), symbol

@@ -9,32 +9,66 @@ and AVX2+FMA), picked at load time by an ifunc resolver inside the .so, so one
 portable library uses AVX2/FMA where present (-DEFFGEN_NO_DISPATCH turns that off).
 """
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from effgen import schema
 from effgen.codegen.abi import render_abi, template_env
+from effgen.codegen.backends import Backend, Core, Request, register
 from effgen.codegen.graph import Chain, Dense, Residual, Softmax
-from effgen.codegen.preprocessing_ir import PreprocessingIR
+from effgen.codegen.preprocessing_ir import PreprocessingIR, read_preprocessing
 
 TANH_IMPLS = ("fast", "libm")
 
-# Code paths, each with its register geometry: `row_block` columns per block of the
-# one-row kernel (8 vector accumulators), and the batch tile of `tile_rows` rows x
-# `tile_block` columns (12-16 accumulators), so that each weight load serves a whole
-# tile; blocks that divide the seed width (128) avoid a slow remainder block (AVX2:
-# 3 x 32 ran 20% faster than 4 x 24 on the seed network). Measured on AMD EPYC (Zen 4).
-# `madd` is the multiply-add (fmaf is one instruction where FMA is enabled).
+# Code paths, in the order of the dispatch index (the templates generate the
+# preprocessor selection, the CPU test and the dispatch tables from this list).
+#   isa            the manifest's name for the path
+#   cpu            __builtin_cpu_supports features the path needs (dispatch)
+#   target_macro   attribute macro on the path's functions; dispatch_target is its
+#                  target("...") when dispatching, native_target when the baseline
+#                  target already has the ISA (native_if, a preprocessor test)
+#   madd           the multiply-add (fmaf is one instruction where FMA is enabled)
+# and the register geometry: `row_block` columns per block of the one-row kernel (8
+# vector accumulators), and the batch tile of `tile_rows` rows x `tile_block` columns
+# (12-16 accumulators), so that each weight load serves a whole tile; blocks that
+# divide the seed width (128) avoid a slow remainder block (AVX2: 3 x 32 ran 20%
+# faster than 4 x 24 on the seed network). Measured on AMD EPYC (Zen 4).
 VARIANTS = (
-    {"name": "portable", "attr": "", "madd": "EFFGEN_MADD", "guard": "EFFGEN_PATH_PORTABLE",
-     "row_block": 32, "tile_rows": 4, "tile_block": 12},
-    {"name": "avx2", "attr": "EFFGEN_TARGET_AVX2 ", "madd": "fmaf", "guard": "EFFGEN_PATH_AVX2",
-     "row_block": 64, "tile_rows": 3, "tile_block": 32},
-    {"name": "avx512", "attr": "EFFGEN_TARGET_AVX512 ", "madd": "fmaf", "guard": "EFFGEN_PATH_AVX512",
-     "row_block": 128, "tile_rows": 8, "tile_block": 32},
+    {"name": "portable", "isa": "baseline", "cpu": (), "target_macro": None,
+     "native_if": None, "madd": "EFFGEN_MADD", "row_block": 32, "tile_rows": 4, "tile_block": 12},
+    {"name": "avx2", "isa": "avx2+fma", "cpu": ("avx2", "fma"), "target_macro": "EFFGEN_TARGET_AVX2",
+     "dispatch_target": "avx2,fma", "native_target": "",
+     "native_if": "defined(__AVX2__) && defined(__FMA__)",
+     "madd": "fmaf", "row_block": 64, "tile_rows": 3, "tile_block": 32},
+    {"name": "avx512", "isa": "avx512f", "cpu": ("avx512f", "avx2", "fma"),
+     "target_macro": "EFFGEN_TARGET_AVX512",
+     "dispatch_target": "avx512f,avx2,fma,prefer-vector-width=512",
+     "native_target": '__attribute__((target("prefer-vector-width=512")))',
+     "native_if": "defined(__AVX512F__) && defined(__FMA__) && defined(__GNUC__) && !defined(__clang__)",
+     "madd": "fmaf", "row_block": 128, "tile_rows": 8, "tile_block": 32},
 )
-ISA_VARIANTS = ("baseline", "avx2+fma", "avx512f")
+ISA_VARIANTS = tuple(v["isa"] for v in VARIANTS)
+
+# Functions every code path defines and the dispatcher exposes under effgen_<name>.
+_DISPATCHED = (
+    {"name": "forward", "type": "effgen_row_fn", "params": "float *out, const float *in",
+     "args": "out, in", "unused": ""},
+    {"name": "forward_batch", "type": "effgen_batch_fn",
+     "params": "float *out, const float *in, long n", "args": "out, in, n", "unused": ""},
+    {"name": "network", "type": "effgen_row_fn", "params": "float *out, const float *z",
+     "args": "out, z", "unused": "EFFGEN_UNUSED "},
+)
+
+
+def _template_variants():
+    out = []
+    for v in VARIANTS:
+        v = dict(v, guard=f"EFFGEN_PATH_{v['name'].upper()}")
+        v["attr"] = v["target_macro"] + " " if v["target_macro"] else ""
+        out.append(v)
+    return out
 
 
 def c_float(v) -> str:
@@ -66,6 +100,8 @@ class _Layer:
     """One Dense or Residual op, ready for the templates."""
     index: int
     kind: str           # "dense" or "residual"
+    title: str          # the Keras layer(s), for comments
+    sym: str            # C prefix of its functions and tables, from the Keras name
     n_in: int
     n_out: int
     activation: str
@@ -78,8 +114,27 @@ def blocks(n, width):
     return [(s, min(width, n - s)) for s in range(0, n, width)]
 
 
+def plus(*terms) -> str:
+    """C sum of the terms, leaving out literal zeros: plus(0, "j") == "j"."""
+    kept = [str(t) for t in terms if str(t) != "0"]
+    return " + ".join(kept) or "0"
+
+
+def _layer_symbol(name, index, taken):
+    """effgen_layer_<Keras name> as a C identifier, unique among every name the layer's
+    functions and tables use (else the layer index is appended)."""
+    base = re.sub(r"[^A-Za-z0-9]+", "_", str(name)).strip("_")[:48] or "layer"
+    suffixes = ["_w", "_b"] + [f"{tile}_{v['name']}" for v in VARIANTS for tile in ("", "_tile")]
+    sym = f"effgen_layer_{base}"
+    while any(sym + s in taken for s in suffixes):
+        sym = f"effgen_layer_{base}_{index}"
+        base = f"{base}_{index}"
+    taken.update(sym + s for s in suffixes)
+    return sym
+
+
 def _layers(chain: Chain):
-    layers = []
+    layers, taken = [], set()
     for k, op in enumerate(chain.ops):
         if isinstance(op, Softmax):
             if k != len(chain.ops) - 1:
@@ -88,8 +143,12 @@ def _layers(chain: Chain):
         dense = op.dense if isinstance(op, Residual) else op
         if not isinstance(dense, Dense):
             raise ValueError(f"layer {getattr(op, 'name', op)!r}: unsupported op {type(op).__name__}")
+        residual = isinstance(op, Residual)
+        title = (f"Layer {dense.name} + {op.name} (residual)" if residual
+                 else f"Layer {dense.name} (dense)")
         layers.append(_Layer(
-            index=len(layers), kind="residual" if isinstance(op, Residual) else "dense",
+            index=len(layers), kind="residual" if residual else "dense", title=title,
+            sym=_layer_symbol(dense.name, len(layers), taken),
             n_in=dense.n_in, n_out=dense.n_out, activation=dense.activation,
             weights=c_array(dense.kernel, c_float), bias=c_array(dense.bias, c_float)))
     return layers
@@ -123,42 +182,83 @@ def _preprocessing_context(ir: PreprocessingIR):
             "ir": ir, "outputs": outputs, "f32": ir.sklearn_dtype == "float32"}
 
 
-def network_function(symbol="efficiency") -> str:
-    """Name of the core's static `void f(float *out, const float *z)` evaluating the
-    network alone on preprocessed features (used by the parity harness)."""
-    return "effgen_network"
-
-
 def generate_preprocessing(ir: PreprocessingIR, input_names=None) -> str:
-    """C code defining `static void effgen_preprocess(float *z, const float *in)`."""
-    return template_env().get_template("quantile.c.j2").render(
-        input_names=input_names, **_preprocessing_context(ir))
+    """C code defining `static void effgen_preprocess(float *z, const float *in)` with
+    its quantile tables (declarations, code, then definitions), compilable alone
+    after the ABI's includes."""
+    ctx = _preprocessing_context(ir)
+    env = _env()
+    decls = env.from_string(
+        "{% for t in preprocessing.tables %}static const double effgen_qt{{ loop.index0 }}_q[{{ t.n }}];\n"
+        "static const {{ preprocessing.index_type }} effgen_qt{{ loop.index0 }}_first[{{ t.n }}];\n"
+        "{% endfor %}{% for r in preprocessing.references %}"
+        "static const double effgen_qt_ref{{ loop.index0 }}[{{ r.n }}];\n{% endfor %}")
+    kw = dict(input_names=input_names, preprocessing=ctx, layers=[], **ctx)
+    return "\n".join(env.get_template(name).render(**kw) if name else decls.render(**kw)
+                     for name in (None, "effgen/quantile.c.j2", "effgen/tables.c.j2"))
 
 
 def generate_activations(tanh="fast") -> str:
     """C code of the static activation functions (needs EFFGEN_INLINE defined)."""
     if tanh not in TANH_IMPLS:
         raise ValueError(f"tanh implementation {tanh!r}: expected one of {TANH_IMPLS}")
-    return template_env().get_template("activations.c.j2").render(tanh=tanh)
+    return _env().get_template("effgen/activations.c.j2").render(tanh=tanh)
 
 
-def generate_core(chain: Chain, ir: PreprocessingIR, *, input_names=None, tanh="fast"):
-    """The backend's core C code: returns (source, core_fn, has_batch, isa_fn)."""
+def _env():
+    env = template_env()
+    env.globals.update(blocks=blocks, plus=plus)
+    return env
+
+
+def generate_core(chain: Chain, ir: PreprocessingIR, *, input_names=None, tanh="fast",
+                  n_outputs=len(schema.OUTPUTS)) -> Core:
+    """The backend's core: preprocessing and network for every code path, dispatch,
+    and the weight and quantile tables (placed last by the ABI layer)."""
     if tanh not in TANH_IMPLS:
         raise ValueError(f"tanh implementation {tanh!r}: expected one of {TANH_IMPLS}")
     if chain.n_inputs != ir.n_outputs:
         raise ValueError(f"the network takes {chain.n_inputs} inputs but the preprocessing "
                          f"produces {ir.n_outputs}")
-    if chain.n_outputs != 4:
-        raise ValueError(f"the network has {chain.n_outputs} outputs; the efficiency ABI needs 4")
+    if chain.n_outputs != n_outputs:
+        raise ValueError(f"the network has {chain.n_outputs} outputs; the ABI needs {n_outputs}")
     layers = _layers(chain)
     widths = [chain.n_inputs] + [layer.n_out for layer in layers]
-    source = template_env().get_template("network.c.j2").render(
-        preprocessing=generate_preprocessing(ir, input_names), layers=layers, n_inputs=ir.n_inputs,
-        n_features=chain.n_inputs, n_outputs=4, softmax=chain.ends_with_softmax,
-        max_width=max(widths), variants=VARIANTS, tanh=tanh, describe=chain.describe(),
-        blocks=blocks, isa_variants=ISA_VARIANTS)
-    return source, "effgen_forward", True, "effgen_isa"
+    pre = _preprocessing_context(ir)
+    ctx = dict(pre, preprocessing=pre, input_names=input_names, layers=layers,
+               n_inputs=ir.n_inputs, n_features=chain.n_inputs, n_outputs=n_outputs,
+               softmax=chain.ends_with_softmax, max_width=max(widths),
+               variants=_template_variants(), dispatched=_DISPATCHED, tanh=tanh,
+               describe=chain.describe())
+    env = _env()
+    source = env.get_template("effgen/core.c.j2").render(**ctx)
+    tables = env.get_template("effgen/tables.c.j2").render(**ctx)
+    n_paths = len(VARIANTS)
+    contents = (["2.1 macros and code paths", "2.2 table declarations",
+                 "2.3 preprocessing: QuantileTransformer maths, effgen_preprocess",
+                 "2.4 activations" + (", softmax" if chain.ends_with_softmax else "")]
+                + [f"2.{5 + k} code path {v['name']}: layers "
+                   + ", ".join(layer.sym.removeprefix("effgen_layer_") for layer in layers)
+                   + ", the network, forward passes" for k, v in enumerate(VARIANTS)]
+                + [f"2.{5 + n_paths} dispatch: effgen_forward, effgen_forward_batch, effgen_network"])
+    return Core(source=source, row_fn="effgen_forward", batch_fn="effgen_forward_batch",
+                network_fn="effgen_network", isa_fn="effgen_isa", isa_variants=ISA_VARIANTS,
+                tables=tables, contents=tuple(contents),
+                info={"network": chain.describe(), "tanh": tanh,
+                      "preprocessing_dtype": ir.sklearn_dtype})
+
+
+def _generate(request: Request) -> Core:
+    options = request.options
+    ir = read_preprocessing(request.preprocessing, options.get("sklearn_dtype", "float64"))
+    return generate_core(request.chain, ir, input_names=list(request.kind.inputs),
+                         tanh=options.get("tanh", "fast"), n_outputs=request.kind.n_outputs)
+
+
+BACKEND = register(Backend(
+    name="effgen", generate=_generate,
+    description="effgen's own C: exact QuantileTransformer, blocked dense kernels, "
+                "fast tanh, AVX2/AVX-512 dispatch"))
 
 
 def generate(chain: Chain, ir: PreprocessingIR, *, symbol="efficiency", manifest=None,
@@ -168,10 +268,6 @@ def generate(chain: Chain, ir: PreprocessingIR, *, symbol="efficiency", manifest
     output_names = list(output_names or schema.OUTPUTS)
     if len(input_names) != ir.n_inputs:
         raise ValueError(f"{len(input_names)} input names for a preprocessing of {ir.n_inputs} inputs")
-    core, core_fn, has_batch, isa_fn = generate_core(chain, ir, input_names=input_names, tanh=tanh)
-    info = {"backend": "effgen", "network": chain.describe(), "tanh": tanh,
-            "preprocessing_dtype": ir.sklearn_dtype}
-    info.update(manifest or {})
-    return render_abi(core, core_fn, symbol=symbol, n_inputs=ir.n_inputs,
-                      input_names=input_names, output_names=output_names, manifest=info,
-                      has_batch=has_batch, isa_fn=isa_fn, isa_variants=ISA_VARIANTS)
+    core = generate_core(chain, ir, input_names=input_names, tanh=tanh)
+    return render_abi(core, symbol=symbol, manifest={"backend": "effgen", **(manifest or {})},
+                      input_names=input_names, output_names=output_names)

@@ -21,6 +21,7 @@ libm tanh, softmax in double.
 import functools
 import re
 
+from effgen.codegen.backends import Backend, Core, Request, register
 from effgen.codegen.graph import Dense, Residual, Softmax, UnsupportedModelError, read_chain
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -235,13 +236,32 @@ def to_c99(source, root, core_fn):
     )
 
 
-def generate_core(model, preprocessing, *, symbol="efficiency"):
-    """C99 source for raw features -> probabilities through scikinC, and the name of
-    its entry point `static void <core_fn>(float *out, const float *in)`. Every
-    function in the source is static: exporting symbols is the ABI layer's job.
+def generate_core(model, preprocessing, *, symbol="efficiency") -> Core:
+    """C99 core for raw features -> probabilities through scikinC: entry point
+    `static void <core_fn>(float *out, const float *in)`, the network alone as the
+    pipeline's 'network' step. Every function in the source is static: exporting
+    symbols is the ABI layer's job.
 
     Raises UnsupportedModelError (naming the layer) for graphs effgen cannot deploy."""
     core_fn = core_function(symbol)
     source = to_c99(scikinc_source(model, preprocessing, symbol=symbol),
                     root=step_function(symbol, ""), core_fn=core_fn)
-    return source, core_fn
+    network = step_function(symbol, "network")
+    return Core(source=source, row_fn=core_fn,
+                network_fn=network if re.search(rf"\b{network}\s*\(", source) else None,
+                contents=("scikinC's functions (preprocessing, network layers), then the core",))
+
+
+def _generate(request: Request) -> Core:
+    try:
+        import scikinC  # noqa: F401
+    except ImportError as err:
+        from effgen.errors import ExportError
+
+        raise ExportError(f"the scikinc backend is not available ({err})") from err
+    return generate_core(request.model, request.preprocessing, symbol=request.symbol)
+
+
+BACKEND = register(Backend(
+    name="scikinc", generate=_generate,
+    description="scikinC's conversion (the Lamarr production route), as the reference"))
