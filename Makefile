@@ -24,7 +24,7 @@ ARCH_FLAGS  ?=
 CC          ?= gcc
 CFLAGS_LIB  := -std=c99 -O3 -fPIC -shared -Wall -Wextra -Werror $(ARCH_FLAGS)
 
-SAMPLE      := $(W)/data/sample.feather
+SAMPLE      := $(W)/data/sample.root
 TRAIN_DIR   := $(W)/data/train
 MODEL       := $(W)/model/model.keras
 TX          := $(W)/model/tX.pkl

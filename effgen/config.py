@@ -40,7 +40,7 @@ def env_float(name: str, default: float) -> float:
 def default_paths() -> dict:
     w = workdir()
     return {
-        "sample": w / "data" / "sample.feather",
+        "sample": w / "data" / "sample.root",
         "train": Path(env_str("TRAIN_DATA", str(w / "data" / "train"))),
         "test": Path(env_str("TEST_DATA", str(w / "data" / "test"))),
         "validation": Path(env_str("VALIDATION_DATA", str(w / "data" / "validation"))),

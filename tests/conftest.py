@@ -16,14 +16,14 @@ TINY_SHARD_ROWS = 4_000  # several shards per split, to exercise shard handling
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
-    """A 20k-row synthetic sample, preprocessed and split.
+    """A 20k-row synthetic tuple (ROOT, TrackingTupler/sim), preprocessed and split.
 
     Returns {"sample", "train", "test", "validation", "preprocessing", "root"} paths
     plus "rows" ({split: row count}) and "seed"."""
     from effgen.data import preprocess, synth
 
     root = tmp_path_factory.mktemp("tiny_dataset")
-    sample = root / "sample.feather"
+    sample = root / "sample.root"
     synth.write_sample(sample, TINY_ROWS, TINY_SEED, progress=False)
     out = preprocess.preprocess(sample, root / "data", root / "model" / "tX.pkl", TINY_SEED,
                                 shard_rows=TINY_SHARD_ROWS, progress=False)

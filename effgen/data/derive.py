@@ -1,0 +1,174 @@
+"""The seed notebook's derivations from the LHCb tuple `TrackingTupler/sim` (DOMAIN.md section 9).
+
+One chunk of tuple branches (a dict of numpy arrays) becomes the 12 raw features, the 4
+one-hot labels and the extra columns later models need (pid, `acceptance`, `type`, the
+truth columns when present). Rows Lamarr never sends (`mc_pz <= 0`, zero charge) are
+dropped and counted; `type` codes other than 0/3/4/5 count as not_recoed, as in the
+notebook, and are counted too. Bad values raise DataError naming the file, the branch,
+the count and the first entry.
+"""
+
+import numpy as np
+
+from effgen import schema
+from effgen.errors import DataError
+
+TREE = "TrackingTupler/sim"
+# Branches the derivation reads; every input must hold them.
+REQUIRED = ["mc_x", "mc_y", "mc_z", "mc_px", "mc_py", "mc_pz", "mc_p", "mc_eta", "mc_phi",
+            "mc_charge", "mcID", "type", "acceptance"]
+# A per-row key, used for the split when all three are present (see effgen.data.split).
+KEY = ["runNumber", "evtNumber", "mc_key"]
+OPTIONAL = KEY + schema.TRUTH
+KNOWN_TYPES = {0: "not_recoed", 3: "recoed_as_long", 4: "recoed_as_upstream", 5: "recoed_as_downstream"}
+HADRONS = [211, 321, 2212]
+# Extra columns every shard carries besides raw features and labels.
+PASSED = [schema.PID, "acceptance", "type"]
+TRUTH_SUM_TOLERANCE = 1e-4
+
+
+class Counts:
+    """What the selection dropped and which track types it saw, summed over chunks."""
+
+    def __init__(self):
+        self.entries = 0
+        self.dropped = {"acceptance > 1": 0, "mc_pz <= 0": 0, "mc_charge == 0": 0}
+        self.types = {}
+
+    def add_types(self, types):
+        codes, counts = np.unique(types, return_counts=True)
+        for c, k in zip(codes.tolist(), counts.tolist()):
+            self.types[c] = self.types.get(c, 0) + k
+
+    @property
+    def kept(self):
+        return self.entries - sum(self.dropped.values())
+
+    def unknown_types(self) -> dict:
+        return {c: k for c, k in sorted(self.types.items()) if c not in KNOWN_TYPES}
+
+    def as_dict(self) -> dict:
+        return {"entries": self.entries, "kept": self.kept, "dropped": dict(self.dropped),
+                "type_counts": {str(c): k for c, k in sorted(self.types.items())},
+                "unknown_types_as_not_recoed": {str(c): k for c, k in self.unknown_types().items()}}
+
+    def summary(self) -> str:
+        parts = [f"{self.entries:,} entries read, {self.kept:,} kept"]
+        dropped = [f"{k:,} with {why}" for why, k in self.dropped.items() if k]
+        if dropped:
+            parts.append("dropped " + ", ".join(dropped))
+        unknown = self.unknown_types()
+        if unknown:
+            parts.append("track types counted as not_recoed: "
+                         + ", ".join(f"type {c}: {k:,}" for c, k in unknown.items()))
+        return "; ".join(parts)
+
+
+def check_finite(file, name, values, first_entry=0):
+    """DataError naming the file, branch, count and first entry of any NaN / inf."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise DataError(f"{file}: branch '{name}' has {int(bad.sum())} non-finite values "
+                        f"(first at entry {first_entry + first}: {values[first]})")
+
+
+def check_truth(file, truth, first_entry=0):
+    """Truth columns must be finite probabilities summing to 1."""
+    for j, name in enumerate(schema.TRUTH):
+        check_finite(file, name, truth[:, j], first_entry)
+    bad = (truth < 0).any(axis=1) | (truth > 1).any(axis=1)
+    bad |= np.abs(truth.sum(axis=1, dtype=np.float64) - 1.0) > TRUTH_SUM_TOLERANCE
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise DataError(f"{file}: truth columns {schema.TRUTH} are not probabilities summing to 1 "
+                        f"in {int(bad.sum())} rows (first at entry {first_entry + first}: "
+                        f"{truth[first].tolist()})")
+
+
+def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
+    """Features, labels and extras of one chunk of tuple branches, selected rows only.
+
+    Returns {"features": (12, n) float32, "labels": (4, n) float32 (column-major: one
+    row per column), "extra": {name: array}, "kept": boolean mask over the chunk's entries}."""
+    n = len(chunk["mc_pz"])
+    for name in REQUIRED + [c for c in OPTIONAL if c in chunk]:
+        check_finite(file, name, chunk[name], first_entry)
+    counts.entries += n
+
+    # The notebook's selection (acceptance <= 1 keeps every row of a real tuple), then
+    # what Lamarr never sends: the model is only ever called with pz > 0 and a charge.
+    keep = np.asarray(chunk["acceptance"]) <= 1
+    counts.dropped["acceptance > 1"] += int(n - keep.sum())
+    for why, bad in (("mc_pz <= 0", np.asarray(chunk["mc_pz"]) <= 0),
+                     ("mc_charge == 0", np.asarray(chunk["mc_charge"]) == 0)):
+        bad &= keep
+        counts.dropped[why] += int(bad.sum())
+        keep &= ~bad
+    rows = None if keep.all() else np.flatnonzero(keep)
+
+    def col(name, dtype=np.float64):
+        v = np.asarray(chunk[name])
+        return (v if rows is None else v[rows]).astype(dtype, copy=False)
+
+    f32 = np.float32
+    pz = col("mc_pz")
+    abs_id = np.abs(col("mcID", np.int64))
+    # Column-major (12, n): each feature is contiguous for the column-wise writers.
+    features = np.empty((len(schema.FEATURES), len(pz)), dtype=f32)
+    features[0] = col("mc_x")
+    features[1] = col("mc_y")
+    features[2] = col("mc_z")
+    features[3] = (np.log(col("mc_p")) / np.log(10)).astype(f32)
+    # Overwrites the tuple's own mc_tx / mc_ty, as the notebook does.
+    features[4] = col("mc_px") / pz
+    features[5] = col("mc_py") / pz
+    features[6] = col("mc_eta")
+    features[7] = col("mc_phi")
+    features[8] = abs_id == 11
+    features[9] = abs_id == 13
+    features[10] = np.isin(abs_id, HADRONS)
+    features[11] = col("mc_charge")
+    for j, name in enumerate(schema.FEATURES):  # e.g. mc_p = 0, or px / pz overflowing
+        check_finite(file, f"{name} (derived)", features[j], first_entry)
+
+    types = col("type", np.int32)
+    counts.add_types(types)
+    labels = np.zeros((len(schema.LABELS), len(pz)), dtype=f32)
+    for j, code in enumerate((3, 4, 5), start=1):
+        labels[j] = types == code
+    labels[0] = labels[1:].sum(axis=0) == 0
+
+    extra = {schema.PID: col("mcID", np.int32), "acceptance": col("acceptance", np.int32),
+             "type": types}
+    if all(c in chunk for c in schema.TRUTH):
+        truth = np.stack([col(c, f32) for c in schema.TRUTH], axis=1)
+        check_truth(file, truth, first_entry)
+        for j, c in enumerate(schema.TRUTH):
+            extra[c] = np.ascontiguousarray(truth[:, j])
+    return {"features": features, "labels": labels, "extra": extra, "kept": keep}
+
+
+def check_labels(file, name, values, first_row=0):
+    """Labels read directly (not derived from `type`) must be 0 or 1."""
+    values = np.asarray(values)
+    bad = ~((values == 0) | (values == 1))
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise DataError(f"{file}: label column '{name}' is not one-hot 0/1: {int(bad.sum())} "
+                        f"values (first at row {first_row + first}: {values[first]})")
+
+
+def check_one_hot(file, labels: dict, first_row=0):
+    """Each label column 0/1 and exactly one 1 per row."""
+    for name, values in labels.items():
+        check_labels(file, name, values, first_row)
+    total = sum(np.asarray(v, dtype=np.float64) for v in labels.values())
+    bad = total != 1
+    if np.any(bad):
+        first = int(np.argmax(bad))
+        raise DataError(f"{file}: labels {list(labels)} are not one-hot: {int(bad.sum())} rows do "
+                        f"not hold exactly one 1 (first at row {first_row + first})")
