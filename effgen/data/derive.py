@@ -11,6 +11,7 @@ the count and the first entry.
 import numpy as np
 
 from effgen import schema
+from effgen.data import reader
 from effgen.errors import DataError
 
 TREE = "TrackingTupler/sim"
@@ -66,14 +67,7 @@ class Counts:
 
 def check_finite(file, name, values, first_entry=0):
     """DataError naming the file, branch, count and first entry of any NaN / inf."""
-    values = np.asarray(values)
-    if values.dtype.kind not in "fc":
-        return
-    bad = ~np.isfinite(values)
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise DataError(f"{file}: branch '{name}' has {int(bad.sum())} non-finite values "
-                        f"(first at entry {first_entry + first}: {values[first]})")
+    reader.check_finite(file, name, values, first_entry, kind="branch", row="entry")
 
 
 def check_truth(file, truth, first_entry=0):
@@ -150,25 +144,3 @@ def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
         for j, c in enumerate(schema.TRUTH):
             extra[c] = np.ascontiguousarray(truth[:, j])
     return {"features": features, "labels": labels, "extra": extra, "kept": keep}
-
-
-def check_labels(file, name, values, first_row=0):
-    """Labels read directly (not derived from `type`) must be 0 or 1."""
-    values = np.asarray(values)
-    bad = ~((values == 0) | (values == 1))
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise DataError(f"{file}: label column '{name}' is not one-hot 0/1: {int(bad.sum())} "
-                        f"values (first at row {first_row + first}: {values[first]})")
-
-
-def check_one_hot(file, labels: dict, first_row=0):
-    """Each label column 0/1 and exactly one 1 per row."""
-    for name, values in labels.items():
-        check_labels(file, name, values, first_row)
-    total = sum(np.asarray(v, dtype=np.float64) for v in labels.values())
-    bad = total != 1
-    if np.any(bad):
-        first = int(np.argmax(bad))
-        raise DataError(f"{file}: labels {list(labels)} are not one-hot: {int(bad.sum())} rows do "
-                        f"not hold exactly one 1 (first at row {first_row + first})")

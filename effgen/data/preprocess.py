@@ -236,7 +236,21 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
     counts = Counts()
     fit_sample = rowsplit.BottomK(max_fit_rows, N_FEATURES)
     rows = dict.fromkeys(SPLITS, 0)
+    created = not output_dir.exists()
+    try:
+        return _run(sources, output_dir, preprocessing_path, out_dirs, seed, force, tree, key,
+                    has_truth, n_buckets, counts, fit_sample, rows, step_size, progress)
+    except BaseException:
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # made for the scratch files only: leave nothing behind
+        raise
 
+
+def _run(sources, output_dir, preprocessing_path, out_dirs, seed, force, tree, key, has_truth,
+         n_buckets, counts, fit_sample, rows, step_size, progress):
+    from tqdm import tqdm
+
+    total = sum(s.num_entries for s in sources)
     with scratch_dir(output_dir / "scratch") as tmp, \
             tqdm(total=2 * total, unit="row", unit_scale=True, desc="preprocess",
                  disable=not progress) as bar:
