@@ -11,7 +11,6 @@ the count and the first entry.
 import numpy as np
 
 from effgen import schema
-from effgen.data import reader
 from effgen.errors import DataError
 
 TREE = "TrackingTupler/sim"
@@ -35,6 +34,26 @@ class Counts:
         self.entries = 0
         self.dropped = {"acceptance > 1": 0, "mc_pz <= 0": 0, "mc_charge == 0": 0}
         self.types = {}
+        self.bad = {}  # {file: {problem: [count, first entry, first value]}}, see note_bad
+
+    def note_bad(self, file, problem, mask, first_entry, values):
+        """Count the rows of `mask` under `problem` for `file`, remembering the first."""
+        k = int(mask.sum())
+        if k:
+            entry = self.bad.setdefault(str(file), {}).setdefault(problem, [0, None, None])
+            if entry[1] is None:
+                first = int(np.argmax(mask))
+                entry[1], entry[2] = first_entry + first, values(first)
+            entry[0] += k
+
+    def raise_bad(self, file):
+        """DataError listing every problem noted for `file`: the file, the branch, the count
+        over the whole file and the first entry."""
+        problems = self.bad.get(str(file))
+        if problems:
+            raise DataError(f"{file}: " + "; ".join(
+                f"{what.format(count=count)} (first at entry {first}: {value})"
+                for what, (count, first, value) in problems.items()))
 
     def add_types(self, types):
         codes, counts = np.unique(types, return_counts=True)
@@ -43,7 +62,8 @@ class Counts:
 
     @property
     def kept(self):
-        return self.entries - sum(self.dropped.values())
+        return self.entries - sum(self.dropped.values()) - sum(
+            k for problems in self.bad.values() for k, _, _ in problems.values())
 
     def unknown_types(self) -> dict:
         return {c: k for c, k in sorted(self.types.items()) if c not in KNOWN_TYPES}
@@ -65,22 +85,36 @@ class Counts:
         return "; ".join(parts)
 
 
-def check_finite(file, name, values, first_entry=0):
-    """DataError naming the file, branch, count and first entry of any NaN / inf."""
-    reader.check_finite(file, name, values, first_entry, kind="branch", row="entry")
+def _bad_values(chunk, counts, file, first_entry):
+    """Rows with a non-finite value in any branch read, or truth columns that are not
+    probabilities summing to 1: noted in counts (the caller raises once the file is read,
+    with counts over the whole file) and returned as a mask."""
+    invalid = np.zeros(len(chunk["mc_pz"]), dtype=bool)
+    for name in REQUIRED + [c for c in OPTIONAL if c in chunk]:
+        v = np.asarray(chunk[name])
+        if v.dtype.kind == "f":
+            bad = ~np.isfinite(v)
+            counts.note_bad(file, f"branch '{name}' has {{count}} non-finite values", bad, first_entry,
+                            lambda i, v=v: v[i])
+            invalid |= bad
+    if all(c in chunk for c in schema.TRUTH):
+        truth = np.stack([np.asarray(chunk[c], dtype=np.float64) for c in schema.TRUTH], axis=1)
+        with np.errstate(invalid="ignore"):
+            bad = (truth < 0).any(axis=1) | (truth > 1).any(axis=1)
+            bad |= np.abs(truth.sum(axis=1) - 1.0) > TRUTH_SUM_TOLERANCE
+        bad &= ~invalid
+        counts.note_bad(file, f"truth columns {schema.TRUTH} are not probabilities summing to 1 in "
+                              "{count} rows", bad, first_entry, lambda i: truth[i].tolist())
+        invalid |= bad
+    return invalid
 
 
-def check_truth(file, truth, first_entry=0):
-    """Truth columns must be finite probabilities summing to 1."""
-    for j, name in enumerate(schema.TRUTH):
-        check_finite(file, name, truth[:, j], first_entry)
-    bad = (truth < 0).any(axis=1) | (truth > 1).any(axis=1)
-    bad |= np.abs(truth.sum(axis=1, dtype=np.float64) - 1.0) > TRUTH_SUM_TOLERANCE
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise DataError(f"{file}: truth columns {schema.TRUTH} are not probabilities summing to 1 "
-                        f"in {int(bad.sum())} rows (first at entry {first_entry + first}: "
-                        f"{truth[first].tolist()})")
+def check_truth(where, truth):
+    """DataError unless the (n, 4) truth matrix holds finite probabilities summing to 1."""
+    counts = Counts()
+    _bad_values(dict(zip(schema.TRUTH, np.asarray(truth).T), mc_pz=np.ones(len(truth))),
+                counts, where, 0)
+    counts.raise_bad(where)
 
 
 def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
@@ -89,14 +123,17 @@ def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
     Returns {"features": (12, n) float32, "labels": (4, n) float32 (column-major: one
     row per column), "extra": {name: array}, "kept": boolean mask over the chunk's entries}."""
     n = len(chunk["mc_pz"])
-    for name in REQUIRED + [c for c in OPTIONAL if c in chunk]:
-        check_finite(file, name, chunk[name], first_entry)
+    invalid = _bad_values(chunk, counts, file, first_entry)
     counts.entries += n
 
     # The notebook's selection (acceptance <= 1 keeps every row of a real tuple), then
     # what Lamarr never sends: the model is only ever called with pz > 0 and a charge.
-    keep = np.asarray(chunk["acceptance"]) <= 1
-    counts.dropped["acceptance > 1"] += int(n - keep.sum())
+    # Invalid rows go too: they are reported, with their count, once the file is read.
+    keep = ~invalid
+    with np.errstate(invalid="ignore"):
+        over = np.asarray(chunk["acceptance"]) > 1
+    counts.dropped["acceptance > 1"] += int((over & keep).sum())
+    keep &= ~over
     for why, bad in (("mc_pz <= 0", np.asarray(chunk["mc_pz"]) <= 0),
                      ("mc_charge == 0", np.asarray(chunk["mc_charge"]) == 0)):
         bad &= keep
@@ -126,8 +163,14 @@ def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
     features[9] = abs_id == 13
     features[10] = np.isin(abs_id, HADRONS)
     features[11] = col("mc_charge")
-    for j, name in enumerate(schema.FEATURES):  # e.g. mc_p = 0, or px / pz overflowing
-        check_finite(file, f"{name} (derived)", features[j], first_entry)
+    bad = ~np.isfinite(features).all(axis=0)  # e.g. mc_p = 0, or px / pz overflowing
+    if bad.any():
+        j, i = int(np.argmax(~np.isfinite(features[:, bad][:, 0]))), int(np.argmax(bad))
+        entry = first_entry + (i if rows is None else int(rows[i]))
+        raise DataError(f"{file}: derived feature '{schema.FEATURES[j]}' is not finite in "
+                        f"{int(bad.sum())} rows of entries {first_entry}-{first_entry + n - 1} (first "
+                        f"at entry {entry}: mc_p={chunk['mc_p'][entry - first_entry]}, "
+                        f"mc_px={chunk['mc_px'][entry - first_entry]}, mc_pz={chunk['mc_pz'][entry - first_entry]})")
 
     types = col("type", np.int32)
     counts.add_types(types)
@@ -138,9 +181,7 @@ def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
 
     extra = {schema.PID: col("mcID", np.int32), "acceptance": col("acceptance", np.int32),
              "type": types}
-    if all(c in chunk for c in schema.TRUTH):
-        truth = np.stack([col(c, f32) for c in schema.TRUTH], axis=1)
-        check_truth(file, truth, first_entry)
-        for j, c in enumerate(schema.TRUTH):
-            extra[c] = np.ascontiguousarray(truth[:, j])
+    for c in schema.TRUTH:
+        if c in chunk:
+            extra[c] = col(c, f32)
     return {"features": features, "labels": labels, "extra": extra, "kept": keep}

@@ -211,7 +211,6 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
     renamed together, back to back, only once everything has been written: a kill or an
     error leaves the old outputs or the new ones, a mix only if it lands within the
     microseconds of the renames."""
-    from tqdm import tqdm
 
     output_dir = Path(output_dir)
     preprocessing_path = Path(preprocessing_path)
@@ -268,6 +267,7 @@ def _run(sources, output_dir, preprocessing_path, out_dirs, seed, force, tree, k
                     for j, name in enumerate(SPLITS):
                         rows[name] += int(np.count_nonzero(which == j))
                     bar.update(len(chunk["mc_pz"]))
+                counts.raise_bad(src.path)  # non-finite values, bad truth: counted over the file
                 offset += src.num_entries
         finally:
             spill.close()

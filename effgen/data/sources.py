@@ -91,13 +91,15 @@ class Source:
                             f"{type(err).__name__}: {err}") from err
         try:
             obj = self._file[tree]
-        except Exception as err:
+        except KeyError as err:
             try:
-                held = sorted(f"{k} ({v})" for k, v in self._file.classnames().items())
+                held = sorted(f"{k} ({v})" for k, v in self._file.classnames(cycle=False).items())
             except Exception:  # pragma: no cover - a directory too damaged to list
                 held = ["<unlistable>"]
-            raise DataError(f"{self.path}: no tree '{tree}' ({type(err).__name__}: {err}); the file "
-                            f"holds {held}") from err
+            raise DataError(f"{self.path}: no tree '{tree}'; the file holds {held}") from err
+        except Exception as err:
+            raise DataError(f"{self.path}: cannot read '{tree}' (truncated or corrupt?): "
+                            f"{type(err).__name__}: {err}") from err
         if not hasattr(obj, "num_entries"):
             raise DataError(f"{self.path}: '{tree}' is a {type(obj).__name__}, not a tree")
         self._tree = obj

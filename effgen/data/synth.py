@@ -222,7 +222,9 @@ def _tuple_block(n, seed_seq, first_row) -> dict:
 def features_view(tup: dict) -> dict:
     """The derived columns (FEATURES, pid, LABELS, TRUTH) of a block of tuple branches,
     through the same derivation preprocess applies."""
-    d = derive(tup, Counts(), "synth")
+    counts = Counts()
+    d = derive(tup, counts, "synth")
+    counts.raise_bad("synth")
     if not d["kept"].all():  # pragma: no cover - synth never makes pz <= 0 or charge 0
         raise AssertionError("synth produced rows the derivation drops")
     out = dict(zip(schema.FEATURES, d["features"]))
