@@ -84,7 +84,7 @@ def reference(arrays, tmp_path_factory):
 def test_root_shards_carry_the_notebook_derivation(reference, arrays):
     frame = {s: FeatherReader(reference / "data" / s).as_pandas() for s in SPLITS}
     view = synth.features_view(arrays)
-    for split, df in frame.items():
+    for df in frame.values():
         ids = df["row_id"].to_numpy()
         # mc_log10_p = float32(log(mc_p) / log(10)); tx, ty recomputed from the momenta.
         p = arrays["mc_p"][ids].astype(np.float64)

@@ -90,7 +90,7 @@ def _bad_values(chunk, counts, file, first_entry):
     probabilities summing to 1: noted in counts (the caller raises once the file is read,
     with counts over the whole file) and returned as a mask."""
     invalid = np.zeros(len(chunk["mc_pz"]), dtype=bool)
-    for name in REQUIRED + [c for c in OPTIONAL if c in chunk]:
+    for name in [c for c in REQUIRED + OPTIONAL if c in chunk]:
         v = np.asarray(chunk[name])
         if v.dtype.kind == "f":
             bad = ~np.isfinite(v)
