@@ -130,6 +130,30 @@ def test_fit_on_plain_arrays():
         preprocess.fit_preprocessing(X[:, :11], 0)
 
 
+def test_fit_is_the_plain_column_transformer_fit_and_transform_is_bit_exact():
+    """fit_preprocessing skips ColumnTransformer.fit's throw-away transform, and
+    preprocess.transform skips scikit-learn's overheads: same numbers either way."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import QuantileTransformer
+    from support import raw_features
+
+    X = raw_features(30_000, 4)  # a discrete z and a spike at 0 in tx: repeated quantiles
+    ours = pickle.loads(pickle.dumps(preprocess.fit_preprocessing(X, 7)))
+    plain = ColumnTransformer([
+        ("quantile", QuantileTransformer(output_distribution="normal", random_state=7), list(range(8))),
+        ("flags", "passthrough", list(range(8, 12)))]).fit(X.astype(np.float64))
+    np.testing.assert_array_equal(ours.named_transformers_["quantile"].quantiles_,
+                                  plain.named_transformers_["quantile"].quantiles_)
+    q = ours.named_transformers_["quantile"].quantiles_
+    assert not all(np.all(np.diff(q[:, j]) > 0) for j in range(8))  # both paths of transform
+    probe = np.concatenate([raw_features(20_000, 5), X[:5000]])
+    probe[:50, :8] = q[:50, :8].astype(np.float32)  # exactly on knots
+    probe[50:60, 0] = [-1e30, 1e30, 0.0, -0.0, 3e38, -3e38, 1e-30, -1e-30, 5.0, -5.0]
+    expected = plain.transform(probe.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(ours.transform(probe.astype(np.float64)).astype(np.float32), expected)
+    np.testing.assert_array_equal(preprocess.transform(ours, probe), expected)
+
+
 @pytest.fixture
 def small_sample(tmp_path):
     path = tmp_path / "small.root"
