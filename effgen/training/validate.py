@@ -407,7 +407,7 @@ def register(subparsers):
                    help="pickled transformer, checked against the shards' raw columns "
                         f"(default {paths['preprocessing']} if it exists)")
     p.add_argument("--data", type=Path, default=paths["validation"],
-                   help="shard directory with raw_*, mc_pid and truth_* extras (default %(default)s)")
+                   help="shard directory with raw_* extras; truth_* optional (default %(default)s)")
     p.add_argument("--output-dir", type=Path, default=paths["validation_report"],
                    help="default %(default)s")
     p.add_argument("--max-rows", type=int, default=1_000_000, help="default %(default)s")
