@@ -231,6 +231,7 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
     renamed together, back to back, only once everything has been written: a kill or an
     error leaves the old outputs or the new ones, a mix only if it lands within the
     microseconds of the renames."""
+    from tqdm import tqdm
 
     output_dir = Path(output_dir)
     preprocessing_path = Path(preprocessing_path)
@@ -252,81 +253,88 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
     has_truth = all(c in sources[0].optional for c in schema.TRUTH)
     key = KEY if all(c in sources[0].optional for c in KEY) else REQUIRED
     n_buckets = _bucket_counts(total, shard_rows)
-    counts = Counts()
-    fit_sample = rowsplit.BottomK(max_fit_rows, N_FEATURES)
-    rows = dict.fromkeys(SPLITS, 0)
+
     created = not output_dir.exists()
     try:
-        return _run(sources, output_dir, preprocessing_path, out_dirs, seed, force, tree, key,
-                    has_truth, n_buckets, counts, fit_sample, rows, step_size, progress)
+        with scratch_dir(output_dir / "scratch") as tmp, \
+                tqdm(total=2 * total, unit="row", unit_scale=True, desc="preprocess",
+                     disable=not progress) as bar:
+            spill = _Spill(tmp)
+            try:
+                counts, fit_sample, rows = _spill_pass(sources, spill, key, seed, n_buckets,
+                                                       max_fit_rows, step_size, bar)
+            finally:
+                spill.close()
+            if counts.kept == 0:
+                raise DataError(f"no rows left after the selection: {counts.summary()}")
+            empty = [name for name, k in rows.items() if k == 0]
+            if empty:
+                raise DataError(f"too few rows ({counts.kept}) to split: split(s) {empty} would be "
+                                f"empty; {counts.summary()}")
+            ct = fit_preprocessing(fit_sample.sample(), seed)
+            report = {"inputs": [str(s.path) for s in sources], "tree": tree, "seed": seed,
+                      "split_key": key, "rows": rows, "fit_rows": int(len(fit_sample.priority)),
+                      **counts.as_dict()}
+            _write_outputs(spill, ct, n_buckets, has_truth, out_dirs, output_dir / REPORT, report,
+                           preprocessing_path, force, bar)
     except BaseException:
         if created and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()  # made for the scratch files only: leave nothing behind
         raise
-
-
-def _run(sources, output_dir, preprocessing_path, out_dirs, seed, force, tree, key, has_truth,
-         n_buckets, counts, fit_sample, rows, step_size, progress):
-    from tqdm import tqdm
-
-    total = sum(s.num_entries for s in sources)
-    with scratch_dir(output_dir / "scratch") as tmp, \
-            tqdm(total=2 * total, unit="row", unit_scale=True, desc="preprocess",
-                 disable=not progress) as bar:
-        spill = _Spill(tmp)
-        try:
-            offset = 0
-            for src in sources:
-                for first, chunk in src.chunks(step_size):
-                    d = derive(chunk, counts, src.path, first)
-                    kept = np.flatnonzero(d["kept"])
-                    h = rowsplit.row_hash([chunk[c][kept] for c in key], seed)
-                    which = _spill_chunk(spill, d, offset + first + kept, h, n_buckets)
-                    train = which == 0
-                    fit_sample.offer(rowsplit.stream(h[train], rowsplit.PRIORITY), d["features"][:, train].T)
-                    for j, name in enumerate(SPLITS):
-                        rows[name] += int(np.count_nonzero(which == j))
-                    bar.update(len(chunk["mc_pz"]))
-                counts.raise_bad(src.path)  # non-finite values, bad truth: counted over the file
-                offset += src.num_entries
-        finally:
-            spill.close()
-        if counts.kept == 0:
-            raise DataError(f"no rows left after the selection: {counts.summary()}")
-        empty = [name for name, k in rows.items() if k == 0]
-        if empty:
-            raise DataError(f"too few rows ({counts.kept}) to split: split(s) {empty} would be "
-                            f"empty; {counts.summary()}")
-
-        ct = fit_preprocessing(fit_sample.sample(), seed)
-        blob = pickle.dumps(ct, protocol=pickle.HIGHEST_PROTOCOL)
-        sha = hashlib.sha256(blob).hexdigest()
-        with atomic_outputs() as staged:
-            for name in SPLITS:
-                split_dir = staged.dir(out_dirs[name], force=force)
-                k = 0
-                for bucket in range(n_buckets[name]):
-                    path = spill.path(name, bucket)
-                    if not path.exists():
-                        continue
-                    with pa.OSFile(str(path)) as source:  # not mapped: bounded RSS
-                        scratch = ipc.open_stream(source).read_all()
-                    _write_shard(_shard_table(scratch, ct, has_truth), split_dir / f"part-{k:05d}.feather")
-                    bar.update(scratch.num_rows)
-                    k += 1
-                    del scratch
-                    path.unlink()
-                write_definitions(split_dir, schema.FEATURES, schema.LABELS, extra_columns(has_truth),
-                                  preprocessing_sha256=sha)
-            report = {"inputs": [str(s.path) for s in sources], "tree": tree, "seed": seed,
-                      "split_key": key, "rows": rows, "fit_rows": int(len(fit_sample.priority)),
-                      **counts.as_dict()}
-            with staged.file(output_dir / REPORT, "w") as f:
-                f.write(json.dumps(report, indent=2) + "\n")
-            # Staged last, so renamed last: a replaced pickle means every split is new too.
-            with staged.file(preprocessing_path) as f:
-                f.write(blob)
     return {**out_dirs, "preprocessing": preprocessing_path, "rows": rows, "counts": counts}
+
+
+def _spill_pass(sources, spill, key, seed, n_buckets, max_fit_rows, step_size, bar):
+    """Pass 1: derive every chunk, send each row to its (split, bucket) scratch file and
+    offer the training rows to the fit sample. Returns (counts, fit sample, rows per split)."""
+    counts = Counts()
+    fit_sample = rowsplit.BottomK(max_fit_rows, N_FEATURES)
+    rows = dict.fromkeys(SPLITS, 0)
+    offset = 0
+    for src in sources:
+        for first, chunk in src.chunks(step_size):
+            d = derive(chunk, counts, src.path, first)
+            kept = np.flatnonzero(d["kept"])
+            h = rowsplit.row_hash([chunk[c][kept] for c in key], seed)
+            which = _spill_chunk(spill, d, offset + first + kept, h, n_buckets)
+            train = which == 0
+            fit_sample.offer(rowsplit.stream(h[train], rowsplit.PRIORITY), d["features"][:, train].T)
+            for j, name in enumerate(SPLITS):
+                rows[name] += int(np.count_nonzero(which == j))
+            bar.update(len(chunk["mc_pz"]))
+        counts.raise_bad(src.path)  # non-finite values, bad truth: counted over the whole file
+        offset += src.num_entries
+    return counts, fit_sample, rows
+
+
+def _write_outputs(spill, ct, n_buckets, has_truth, out_dirs, report_path, report,
+                   preprocessing_path, force, bar):
+    """Pass 2: one shard per scratch file, then definitions, report and pickle, staged
+    and renamed together."""
+    blob = pickle.dumps(ct, protocol=pickle.HIGHEST_PROTOCOL)
+    sha = hashlib.sha256(blob).hexdigest()
+    with atomic_outputs() as staged:
+        for name, out_dir in out_dirs.items():
+            split_dir = staged.dir(out_dir, force=force)
+            k = 0
+            for bucket in range(n_buckets[name]):
+                path = spill.path(name, bucket)
+                if not path.exists():
+                    continue
+                with pa.OSFile(str(path)) as source:  # not mapped: bounded RSS
+                    scratch = ipc.open_stream(source).read_all()
+                _write_shard(_shard_table(scratch, ct, has_truth), split_dir / f"part-{k:05d}.feather")
+                bar.update(scratch.num_rows)
+                k += 1
+                del scratch
+                path.unlink()  # frees the scratch disk as the shards appear
+            write_definitions(split_dir, schema.FEATURES, schema.LABELS, extra_columns(has_truth),
+                              preprocessing_sha256=sha)
+        with staged.file(report_path, "w") as f:
+            f.write(json.dumps(report, indent=2) + "\n")
+        # Staged last, so renamed last: a replaced pickle means every split is new too.
+        with staged.file(preprocessing_path) as f:
+            f.write(blob)
 
 
 def register(subparsers):
