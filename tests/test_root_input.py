@@ -133,6 +133,12 @@ def test_chunk_size_and_file_count_do_not_change_the_output(reference, arrays, t
     globbed = tmp_path / "glob"
     run([str(tmp_path / "part*.root")], globbed, step_size=4096)
     assert_same_shards(reference, globbed)
+    spaced = tmp_path / "my tuples"
+    spaced.mkdir()
+    for f in files:
+        f.rename(spaced / f.name)
+    run([str(spaced / f.name) for f in files], tmp_path / "spaced")  # a path with a space
+    assert_same_shards(reference, tmp_path / "spaced")
 
 
 def test_sorted_input_gives_the_same_shuffled_shards(reference, arrays, tmp_path):

@@ -22,11 +22,13 @@ DEFAULT_STEP = 500_000
 
 def expand_inputs(specs) -> list:
     """Files named by `specs`: each item a path, a glob, or several of them separated by
-    whitespace. Order is kept (globs sorted); a file named twice is refused, as is a glob
+    whitespace (the notebook's INPUT_FILES). Order is kept (globs sorted); a file named twice is refused, as is a glob
     or path that matches nothing."""
     files = []
     for spec in specs:
-        for item in str(spec).split():
+        # A path that exists is taken whole (it may hold spaces); else a whitespace list.
+        items = [str(spec)] if Path(str(spec)).exists() else str(spec).split()
+        for item in items:
             if glob.has_magic(item):
                 matches = sorted(glob.glob(item))
                 if not matches:
