@@ -158,7 +158,8 @@ def ensure_tuple(root: Path, rows: int, seed: int = 1) -> Path:
 
 
 def _measure(cmd):
-    """(wall seconds, peak RSS in MB) of a child process; BenchError if it fails."""
+    """(wall seconds, peak RSS in MB, CPU seconds) of a child process; BenchError if it
+    fails. CPU seconds (user + system) tell the work apart from a busy machine's waits."""
     import os
     import subprocess
 
@@ -172,7 +173,7 @@ def _measure(cmd):
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise BenchError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{out[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 PREPROCESS_CASES = ("effgen preprocess (streaming)", "notebook design (all in memory)")
@@ -180,6 +181,7 @@ PREPROCESS_CASES = ("effgen preprocess (streaming)", "notebook design (all in me
 
 def bench_preprocess(root, rows, repeats=1, seed=1, baseline=True) -> list:
     """One dict per case: case, rows, runs (seconds), rss_mb (peak, per run)."""
+    import os
     import shutil
     import sys
 
@@ -195,23 +197,27 @@ def bench_preprocess(root, rows, repeats=1, seed=1, baseline=True) -> list:
     for case, cmd in cmds.items():
         if case == PREPROCESS_CASES[1] and not baseline:
             continue
-        runs, rss = [], []
+        runs, rss, cpu = [], [], []
         for _ in range(repeats):
             shutil.rmtree(out, ignore_errors=True)
-            seconds, mb = _measure(cmd)
+            seconds, mb, cpu_s = _measure(cmd)
             runs.append(seconds)
             rss.append(mb)
+            cpu.append(cpu_s)
         results.append({"case": case, "rows": rows, "runs_s": runs, "rows_per_s": [rows / s for s in runs],
-                        "peak_rss_mb": rss})
+                        "peak_rss_mb": rss, "cpu_s": cpu, "load_average": list(os.getloadavg())})
     shutil.rmtree(out, ignore_errors=True)
     return results
 
 
 def format_preprocess_table(results) -> str:
-    lines = [f"{'case':34s} {'rows':>11s} {'seconds':>8s} {'M rows/s':>9s} {'peak RSS MB':>12s}"]
+    lines = [f"{'case':34s} {'rows':>11s} {'seconds':>8s} {'M rows/s':>9s} {'CPU s':>7s} "
+             f"{'M rows/CPU s':>12s} {'peak RSS MB':>12s}"]
     for r in results:
+        cpu = statistics.median(r["cpu_s"])
         lines.append(f"{r['case']:34s} {r['rows']:>11,d} {statistics.median(r['runs_s']):>8.1f} "
-                     f"{statistics.median(r['rows_per_s']) / 1e6:>9.3f} {max(r['peak_rss_mb']):>12.0f}")
+                     f"{statistics.median(r['rows_per_s']) / 1e6:>9.3f} {cpu:>7.1f} "
+                     f"{r['rows'] / cpu / 1e6:>12.3f} {max(r['peak_rss_mb']):>12.0f}")
     return "\n".join(lines)
 
 
