@@ -35,7 +35,7 @@ def sample(tiny_dataset):
     with uproot.open(tiny_dataset["sample"]) as f:
         tup = f["TrackingTupler/sim"].arrays(library="np")
     frame = pd.DataFrame(synth.features_view(tup))
-    for name in ("acceptance", "type", "runNumber", "evtNumber", "mc_key"):
+    for name in ("acceptance", "type", "runNumber", "evtNumber", "mc_key", "mc_px", "mc_py", "mc_pz"):
         frame[name] = tup[name]
     return frame
 
@@ -102,8 +102,8 @@ def test_preprocessing_is_fitted_on_training_rows_only(tiny_dataset, frames, sam
     ct = provenance.load_preprocessing(tiny_dataset["preprocessing"], n_features=12)
     _, train = frames["train"]
     ids = train["row_id"].to_numpy()
-    h = split.row_hash([sample[c].to_numpy()[ids] for c in ("runNumber", "evtNumber", "mc_key")],
-                       tiny_dataset["seed"])
+    key = ("runNumber", "evtNumber", "mc_key", "mc_px", "mc_py", "mc_pz")
+    h = split.row_hash([sample[c].to_numpy()[ids] for c in key], tiny_dataset["seed"])
     order = np.argsort(split.stream(h, split.PRIORITY))
     raw = train[["raw_" + c for c in schema.FEATURES]].to_numpy()
     refit = preprocess.fit_preprocessing(raw[order], tiny_dataset["seed"])

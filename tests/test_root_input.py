@@ -102,7 +102,7 @@ def test_root_shards_carry_the_notebook_derivation(reference, arrays):
         np.testing.assert_array_equal(df[schema.PID], arrays["mcID"][ids])
     report = json.loads((reference / "data" / preprocess.REPORT).read_text())
     assert report["entries"] == report["kept"] == len(arrays["mc_p"])
-    assert report["split_key"] == ["runNumber", "evtNumber", "mc_key"]
+    assert report["split_key"] == ["runNumber", "evtNumber", "mc_key", "mc_px", "mc_py", "mc_pz"]
     unknown = {str(c): int(k) for c, k in zip(*np.unique(arrays["type"], return_counts=True))
                if c not in (0, 3, 4, 5)}
     assert unknown and report["unknown_types_as_not_recoed"] == unknown
@@ -184,6 +184,20 @@ def test_without_key_branches_the_split_hashes_the_values(arrays, tmp_path):
     report = json.loads((tmp_path / "a" / "data" / preprocess.REPORT).read_text())
     assert report["split_key"] == derive.REQUIRED
     assert all(5000 < n < 7000 for n in [a["rows"]["train"]])
+
+
+def test_files_that_restart_their_numbering_still_split_independently(arrays, tmp_path):
+    """Two jobs' tuples with the same (runNumber, evtNumber, mc_key) for different
+    particles: a particle's split does not follow its namesake's."""
+    other = tuple_arrays(12_000, 22)
+    np.testing.assert_array_equal(other["evtNumber"], arrays["evtNumber"])
+    a, b = write_root(tmp_path / "a.root", arrays), write_root(tmp_path / "b.root", other)
+    run([a, b], tmp_path)
+    split_of = np.empty(24_000, dtype=int)
+    for k, s in enumerate(SPLITS):
+        split_of[FeatherReader(tmp_path / "data" / s).as_pandas()["row_id"].to_numpy()] = k
+    same = (split_of[:12_000] == split_of[12_000:]).mean()
+    assert abs(same - (0.5**2 + 0.4**2 + 0.1**2)) < 0.03  # independent, not always together
 
 
 def test_without_truth_columns(arrays, tmp_path):

@@ -17,8 +17,11 @@ TREE = "TrackingTupler/sim"
 # Branches the derivation reads; every input must hold them.
 REQUIRED = ["mc_x", "mc_y", "mc_z", "mc_px", "mc_py", "mc_pz", "mc_p", "mc_eta", "mc_phi",
             "mc_charge", "mcID", "type", "acceptance"]
-# A per-row key, used for the split when all three are present (see effgen.data.split).
+# A per-row key, used for the split when all three are present (see effgen.data.split),
+# with the momentum, so that particles sharing a key (files from jobs that restart their
+# run and event numbers) still get independent splits.
 KEY = ["runNumber", "evtNumber", "mc_key"]
+KEY_WITH = ["mc_px", "mc_py", "mc_pz"]
 OPTIONAL = KEY + schema.TRUTH
 KNOWN_TYPES = {0: "not_recoed", 3: "recoed_as_long", 4: "recoed_as_upstream", 5: "recoed_as_downstream"}
 HADRONS = [211, 321, 2212]

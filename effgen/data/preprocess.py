@@ -41,7 +41,7 @@ import pyarrow.ipc as ipc
 from effgen import schema
 from effgen.atomic import atomic_file, atomic_outputs, scratch_dir
 from effgen.data import split as rowsplit
-from effgen.data.derive import KEY, PASSED, REQUIRED, TREE, Counts, derive
+from effgen.data.derive import KEY, KEY_WITH, PASSED, REQUIRED, TREE, Counts, derive
 from effgen.data.reader import DataError, write_definitions
 from effgen.data.sources import DEFAULT_STEP, expand_inputs, open_inputs
 from effgen.errors import (
@@ -251,7 +251,7 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
     if total == 0:
         raise DataError(f"the inputs hold no entries: {[str(s.path) for s in sources]}")
     has_truth = all(c in sources[0].optional for c in schema.TRUTH)
-    key = KEY if all(c in sources[0].optional for c in KEY) else REQUIRED
+    key = KEY + KEY_WITH if all(c in sources[0].optional for c in KEY) else REQUIRED
     n_buckets = _bucket_counts(total, shard_rows)
 
     created = not output_dir.exists()

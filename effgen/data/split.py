@@ -3,7 +3,8 @@ the shard, and whether it joins the preprocessing's fit sample.
 
 Each row gets a 64-bit hash of its key (splitmix64 mixing, seeded):
 - the key is (runNumber, evtNumber, mc_key) when the input has all three (a generated
-  particle's identity in the tuple);
+  particle's identity in the tuple), with (mc_px, mc_py, mc_pz), so that two particles
+  sharing a key (files from jobs that restart their numbering) still split independently;
 - otherwise the row's own values: the bits of every branch the derivation reads, as
   float64 (so a float32 branch and its float64 copy hash alike). Identical rows then
   share a split, which is harmless.
