@@ -125,7 +125,7 @@ def transform(ct, X_raw: np.ndarray) -> np.ndarray:
     bound = 1e-7  # sklearn.preprocessing._data.BOUNDS_THRESHOLD
     clip_lo, clip_hi = ndtri(bound - np.spacing(1)), ndtri(1 - (bound - np.spacing(1)))
     refs = quantile.references_
-    out = np.empty((len(X_raw), N_FEATURES), dtype=np.float32)
+    out = np.empty((N_FEATURES, len(X_raw)), dtype=np.float32).T  # column-major: contiguous columns
     for j in range(N_CONTINUOUS):
         q = quantile.quantiles_[:, j]
         x = X_raw[:, j].astype(np.float64)
@@ -134,7 +134,8 @@ def transform(ct, X_raw: np.ndarray) -> np.ndarray:
             y = 0.5 * (y - np.interp(-x, -q[::-1], -refs[::-1]))
         y[x + bound > q[-1]] = 1
         y[x - bound < q[0]] = 0
-        out[:, j] = np.clip(ndtri(y), clip_lo, clip_hi)
+        y = ndtri(y, out=y)
+        out[:, j] = np.clip(y, clip_lo, clip_hi, out=y)
     out[:, N_CONTINUOUS:] = X_raw[:, N_CONTINUOUS:]
     return out
 
@@ -212,7 +213,7 @@ def _shard_table(scratch: pa.Table, ct, truth: bool) -> pa.Table:
     # Rows with equal hashes (duplicate keys) keep their input order: stable sort.
     order = np.argsort(scratch.column(ORDER).to_numpy(), kind="stable")
     scratch = scratch.take(pa.array(order))
-    raw = np.stack([scratch.column(c).to_numpy() for c in RAW], axis=1)
+    raw = np.stack([scratch.column(c).to_numpy() for c in RAW]).T  # column-major (n, 12)
     pre = transform(ct, raw)
     cols = {name: pre[:, j] for j, name in enumerate(schema.FEATURES)}
     for name in schema.LABELS + extra_columns(truth):
