@@ -264,7 +264,15 @@ def test_not_root_and_truncated_files(arrays, tmp_path):
     for cut in (len(data) // 2, 300):
         cut_file = tmp_path / f"cut{cut}.root"
         cut_file.write_bytes(data[:cut])
-        _refused(cut_file, tmp_path, rf"cut{cut}\.root: .*(truncated or corrupt)")
+        _refused(cut_file, tmp_path, rf"cut{cut}\.root: (truncated ROOT file: its header says "
+                                     rf"{len(data):,} bytes, the file has {cut:,}|.*truncated or corrupt)")
+    # Damaged inside (same length, compressed baskets): found while reading, by name.
+    data = write_root(tmp_path / "z.root", arrays, chunk=2000, compression=uproot.ZLIB(4)).read_bytes()
+    damaged = bytearray(data)
+    damaged[len(data) // 3: len(data) // 3 + 5000] = b"\xff" * 5000
+    (tmp_path / "damaged.root").write_bytes(bytes(damaged))
+    _refused(tmp_path / "damaged.root", tmp_path, r"damaged\.root: reading failed \(truncated or corrupt "
+                                                  r"file\?\): \w+")
 
 
 def test_non_finite_branch_names_file_branch_count_and_entry(arrays, tmp_path):

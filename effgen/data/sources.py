@@ -90,7 +90,11 @@ class Source:
             self._file = uproot.open(self.path, handler=uproot.MultithreadedFileSource, num_workers=1)
         except Exception as err:  # uproot raises many kinds on a bad header
             raise DataError(f"{self.path}: not a readable ROOT file (truncated or corrupt?): "
-                            f"{type(err).__name__}: {err}") from err
+                            f"{_first_line(err)}") from err
+        end, size = getattr(self._file.file, "fEND", 0), self.path.stat().st_size
+        if end > size:  # checked before reading anything: a copy cut short
+            raise DataError(f"{self.path}: truncated ROOT file: its header says {end:,} bytes, "
+                            f"the file has {size:,}")
         try:
             obj = self._file[tree]
         except KeyError as err:
@@ -101,7 +105,7 @@ class Source:
             raise DataError(f"{self.path}: no tree '{tree}'; the file holds {held}") from err
         except Exception as err:
             raise DataError(f"{self.path}: cannot read '{tree}' (truncated or corrupt?): "
-                            f"{type(err).__name__}: {err}") from err
+                            f"{_first_line(err)}") from err
         if not hasattr(obj, "num_entries"):
             raise DataError(f"{self.path}: '{tree}' is a {type(obj).__name__}, not a tree")
         self._tree = obj
@@ -140,7 +144,7 @@ class Source:
             raise
         except Exception as err:  # a basket or record batch that does not decompress
             raise DataError(f"{self.path}: reading failed (truncated or corrupt file?): "
-                            f"{type(err).__name__}: {err}") from err
+                            f"{_first_line(err)}") from err
 
     def _root_chunks(self, step_size):
         start = 0
@@ -162,6 +166,11 @@ class Source:
                 yield start, {k: _plain(part.column(k).to_numpy(zero_copy_only=False), self.path, k)
                               for k in self.columns}
                 start += part.num_rows
+
+
+def _first_line(err) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def _plain(values, path, name):
