@@ -43,7 +43,7 @@ CFLAGS_LIB  = $(LIB_CFLAGS) $(ARCH_FLAGS) $(LIB_LDFLAGS)
 # the shell quoting below).
 MANIFEST_FLAGS = $(strip $(subst ',,$(subst ",,$(subst \,/,$(CFLAGS_LIB)))))
 
-SAMPLE      := $(W)/data/sample.feather
+SAMPLE      := $(W)/data/sample.root
 TRAIN_DIR   := $(W)/data/train
 VAL_DIR     := $(W)/data/validation
 MODEL       := $(OUTPUT_MODEL)

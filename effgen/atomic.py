@@ -177,6 +177,21 @@ def atomic_path(path):
 
 
 @contextlib.contextmanager
+def scratch_dir(path):
+    """A temporary working directory beside `path`, named like `path`'s temporaries (so
+    the next run sweeps one a kill left behind); removed when the block ends, whatever
+    happens. Nothing is renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep(path)
+    tmp = tempfile.mkdtemp(prefix=f"{_prefix(path)}{os.getpid()}-", dir=path.parent)
+    try:
+        yield Path(tmp)
+    finally:
+        _remove(tmp)
+
+
+@contextlib.contextmanager
 def atomic_dir(path, force=False):
     """Yield a temporary directory beside `path`; on success it replaces `path`.
 

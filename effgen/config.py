@@ -179,7 +179,7 @@ def env_int(name: str, default: int) -> int:
 def default_paths() -> dict:
     w = workdir()
     return {
-        "sample": w / "data" / "sample.feather",
+        "sample": w / "data" / "sample.root",
         "train": value("TRAIN_DATA"),
         "test": value("TEST_DATA"),
         "validation": value("VALIDATION_DATA"),

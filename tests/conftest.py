@@ -16,17 +16,23 @@ TINY_SHARD_ROWS = 4_000  # several shards per split, to exercise shard handling
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
-    """A 20k-row synthetic sample, preprocessed and split.
+    """A 20k-row synthetic tuple (ROOT, TrackingTupler/sim), preprocessed and split.
 
-    Returns {"sample", "train", "test", "validation", "preprocessing", "root"} paths
-    plus "rows" ({split: row count}) and "seed"."""
+    Returns {"sample", "features", "train", "test", "validation", "preprocessing", "root"}
+    paths plus "rows" ({split: row count}) and "seed". "features" is a feather file of the
+    sample's raw features, pid, labels and truth as preprocess derives them (synth.generate)."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
     from effgen.data import preprocess, synth
 
     root = tmp_path_factory.mktemp("tiny_dataset")
-    sample = root / "sample.feather"
+    sample = root / "sample.root"
     synth.write_sample(sample, TINY_ROWS, TINY_SEED, progress=False)
+    features = root / "features.feather"
+    feather.write_feather(pa.Table.from_batches(list(synth.generate(TINY_ROWS, TINY_SEED))), features)
     out = preprocess.preprocess(sample, root / "data", root / "model" / "tX.pkl", TINY_SEED,
                                 shard_rows=TINY_SHARD_ROWS, progress=False)
-    return {"sample": sample, "train": out["train"], "test": out["test"],
+    return {"sample": sample, "features": features, "train": out["train"], "test": out["test"],
             "validation": out["validation"], "preprocessing": out["preprocessing"],
             "root": root, "rows": out["rows"], "seed": TINY_SEED}

@@ -46,3 +46,23 @@ def test_sweep_treats_an_unreaped_killed_process_as_gone(tmp_path):
     atomic.sweep(out)
     proc.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+
+
+def test_scratch_dir_is_removed_whatever_happens_and_a_dead_runs_is_swept(tmp_path):
+    import subprocess
+
+    target = tmp_path / "data" / "scratch"
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    (tmp_path / "data").mkdir()
+    dead = tmp_path / "data" / f"{atomic._prefix(target)}{proc.pid}-old"  # a killed run's
+    dead.mkdir()
+    (dead / "spill.arrows").write_bytes(b"x" * 100)
+    with atomic.scratch_dir(target) as tmp:
+        assert not dead.exists() and tmp.is_dir() and tmp.parent == target.parent
+        (tmp / "file").write_text("scratch")
+    assert list((tmp_path / "data").iterdir()) == []
+    with pytest.raises(RuntimeError), atomic.scratch_dir(target) as tmp:
+        (tmp / "file").write_text("scratch")
+        raise RuntimeError("failed midway")
+    assert list((tmp_path / "data").iterdir()) == [] and not target.exists()

@@ -19,6 +19,10 @@ EXPECTED_ROWS = {
     "lamarr": ["scikinc library", "effgen library", "echo library (Plugin overhead)"],
     "reader": ["effgen as_tf_dataset().batch", "tf blocks .unbatch().batch",
                "original from_generator per row"],
+    "preprocess": ["effgen preprocess (streaming), 20,000 rows",
+                   "notebook design (all in memory), 20,000 rows",
+                   "effgen preprocess (streaming), 20,000 rows: peak RSS",
+                   "notebook design (all in memory), 20,000 rows: peak RSS"],
 }
 
 
@@ -30,7 +34,7 @@ def test_quick_bench_writes_every_row_with_positive_finite_numbers(tmp_path):
          "--output-dir", str(out)],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for section in ("codegen", "calls", "lamarr", "reader"):
+    for section in EXPECTED_ROWS:
         assert f"[bench] {section}" in proc.stdout  # a progress line per section
 
     report = json.loads((out / "bench.json").read_text())
@@ -51,4 +55,7 @@ def test_quick_bench_writes_every_row_with_positive_finite_numbers(tmp_path):
             assert f"| {name} |" in markdown
     # each section's baseline row is its own reference
     assert {r["name"]: r["ratio"] for r in report["sections"]["calls"]}["scikinc C library, per call"] == 1
+    ratios = {r["name"]: r["ratio"] for r in report["sections"]["preprocess"]}
+    assert ratios["notebook design (all in memory), 20,000 rows"] == 1
+    assert ratios["notebook design (all in memory), 20,000 rows: peak RSS"] == 1
     assert "bench.md" in proc.stdout and "| effgen C library, per call |" in proc.stdout

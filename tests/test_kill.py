@@ -19,6 +19,7 @@ import pytest
 from effgen import provenance
 from effgen.data import preprocess, synth
 from effgen.data.reader import FeatherReader
+from effgen.data.sources import Source
 from effgen.provenance import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,14 +92,14 @@ def test_synth_killed_mid_write(tmp_path, previous, moment):
     _kill_when(args, lambda: any(s >= min_size for s in _temps(tmp_path, out.name).values()))
     if previous:
         assert sha256_of(out) == before
-        assert preprocess.open_sample(out).num_rows == 20_000
+        assert Source(out).num_entries == 20_000
     else:
         assert not out.exists()
     left = _hidden(tmp_path)
     assert left and all(n.startswith(f".{out.name}.tmp-") for n in left), left
 
     _run_cli(args)
-    assert preprocess.open_sample(out).num_rows == SYNTH_N
+    assert Source(out).num_entries == SYNTH_N
     assert [p.name for p in tmp_path.iterdir()] == [out.name], "stale temporaries were not swept"
 
 

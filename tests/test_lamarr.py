@@ -72,7 +72,7 @@ def mock_library(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sample_rows(tiny_dataset):
-    table = feather.read_table(tiny_dataset["sample"], columns=schema.FEATURES + [schema.PID])
+    table = feather.read_table(tiny_dataset["features"], columns=schema.FEATURES + [schema.PID])
     raw = np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
     return raw, table.column(schema.PID).to_numpy().astype(np.int64)
 

@@ -154,7 +154,7 @@ def staged_work(tmp_path):
     work = tmp_path / "w"
     src, hdr = render_abi(Core(source=CORE, row_fn="test_core"), symbol="efficiency",
                           input_names=[f"f{i}" for i in range(12)], manifest={"backend": "test"})
-    files = [("data/sample.feather", ""), ("data/train/definitions.json", "{}"),
+    files = [("data/sample.root", ""), ("data/train/definitions.json", "{}"),
              ("model/tX.pkl", ""), ("model/model.keras", ""), ("lamarr/.backend", "effgen efficiency\n"),
              ("lamarr/efficiency.h", hdr), ("lamarr/efficiency.c", src)]
     t0 = time.time() - 1000

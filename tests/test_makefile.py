@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.feather as feather
 import pytest
 
 from effgen import schema
@@ -42,7 +41,7 @@ def _finish(proc, timeout=600):
 
 def _paths(work):
     w = Path(work)
-    return {"sample": w / "data" / "sample.feather", "model": w / "model" / "model.keras",
+    return {"sample": w / "data" / "sample.root", "model": w / "model" / "model.keras",
             "tx": w / "model" / "tX.pkl", "lib": w / "lamarr" / "efficiency.so",
             "src": w / "lamarr" / "efficiency.c", "lamarr": w / "lamarr"}
 
@@ -57,9 +56,13 @@ def _tf_reference(paths, rows):
 
 
 def _raw_rows(paths, n=3000):
-    table = feather.read_table(paths["sample"], columns=schema.FEATURES)
-    return np.stack([table.column(c).to_numpy()[:n] for c in schema.FEATURES],
-                    axis=1).astype(np.float32)
+    import uproot
+
+    from effgen.data.synth import features_view
+
+    with uproot.open(paths["sample"]) as f:  # the tuple; its features as preprocess derives them
+        view = features_view(f["TrackingTupler/sim"].arrays(library="np", entry_stop=n))
+    return np.stack([view[c] for c in schema.FEATURES], axis=1).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,7 @@ def tiny_model(tmp_path_factory):
 def raw_rows(tiny_dataset):
     import pyarrow.feather as feather
 
-    table = feather.read_table(tiny_dataset["sample"], columns=schema.FEATURES)
+    table = feather.read_table(tiny_dataset["features"], columns=schema.FEATURES)
     return np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
 
 

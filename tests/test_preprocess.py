@@ -28,7 +28,16 @@ def frames(tiny_dataset):
 
 @pytest.fixture(scope="module")
 def sample(tiny_dataset):
-    return feather.read_table(tiny_dataset["sample"]).to_pandas()
+    """The tiny tuple's derived columns (what preprocess must carry), as a DataFrame."""
+    import pandas as pd
+    import uproot
+
+    with uproot.open(tiny_dataset["sample"]) as f:
+        tup = f["TrackingTupler/sim"].arrays(library="np")
+    frame = pd.DataFrame(synth.features_view(tup))
+    for name in ("acceptance", "type", "runNumber", "evtNumber", "mc_key", "mc_px", "mc_py", "mc_pz"):
+        frame[name] = tup[name]
+    return frame
 
 
 def test_split_is_disjoint_complete_and_sized(tiny_dataset, frames):
@@ -38,7 +47,8 @@ def test_split_is_disjoint_complete_and_sized(tiny_dataset, frames):
     allids = np.concatenate(list(ids.values()))
     assert np.array_equal(np.sort(allids), np.arange(n))  # complete and disjoint
     for split, frac in preprocess.SPLITS.items():
-        assert len(ids[split]) == round(frac * n)
+        # Each row's split is a seeded coin toss of its key: binomial sizes.
+        assert abs(len(ids[split]) - frac * n) < 5 * np.sqrt(n * frac * (1 - frac))
         assert tiny_dataset["rows"][split] == len(ids[split])
     # Shuffled: a split is not a contiguous block of the sample.
     assert ids["validation"].max() - ids["validation"].min() > 0.9 * n
@@ -55,7 +65,7 @@ def test_definitions_and_columns(tiny_dataset, frames):
     shard = feather.read_table(reader.data_files[0])
     for name in schema.FEATURES + schema.LABELS + schema.TRUTH:
         assert shard.schema.field(name).type == pa.float32(), name
-    assert len(reader.data_files) == 3  # 10k rows in shards of 4k
+    assert len(reader.data_files) == 3  # ~10k rows in shards of ~4k
 
 
 def test_rows_carry_the_sample_values(sample, frames):
@@ -64,7 +74,7 @@ def test_rows_carry_the_sample_values(sample, frames):
         src = sample.iloc[df["row_id"].to_numpy()]
         for name in schema.FEATURES:
             np.testing.assert_array_equal(df["raw_" + name].to_numpy(), src[name].to_numpy())
-        for name in schema.LABELS + schema.TRUTH + [schema.PID]:
+        for name in schema.LABELS + schema.TRUTH + [schema.PID, "acceptance", "type"]:
             np.testing.assert_array_equal(df[name].to_numpy(), src[name].to_numpy())
 
 
@@ -84,12 +94,19 @@ def test_features_are_the_saved_preprocessing_of_raw(tiny_dataset, frames):
         np.testing.assert_array_equal(train[name].to_numpy(), train["raw_" + name].to_numpy())
 
 
-def test_preprocessing_is_fitted_on_training_rows_only(tiny_dataset, frames):
+def test_preprocessing_is_fitted_on_training_rows_only(tiny_dataset, frames, sample):
+    """The fit sample is the training rows (all of them here: fewer than max_fit_rows),
+    taken in the order of their seeded priority, so refitting on them reproduces it."""
+    from effgen.data import split
+
     ct = provenance.load_preprocessing(tiny_dataset["preprocessing"], n_features=12)
     _, train = frames["train"]
-    # 10k training rows <= the QuantileTransformer subsample: row order does not matter.
-    refit = preprocess.fit_preprocessing(train[["raw_" + c for c in schema.FEATURES]].to_numpy(),
-                                         tiny_dataset["seed"])
+    ids = train["row_id"].to_numpy()
+    key = ("runNumber", "evtNumber", "mc_key", "mc_px", "mc_py", "mc_pz")
+    h = split.row_hash([sample[c].to_numpy()[ids] for c in key], tiny_dataset["seed"])
+    order = np.argsort(split.stream(h, split.PRIORITY))
+    raw = train[["raw_" + c for c in schema.FEATURES]].to_numpy()
+    refit = preprocess.fit_preprocessing(raw[order], tiny_dataset["seed"])
     np.testing.assert_array_equal(ct.named_transformers_["quantile"].quantiles_,
                                   refit.named_transformers_["quantile"].quantiles_)
     _, test = frames["test"]
@@ -113,9 +130,33 @@ def test_fit_on_plain_arrays():
         preprocess.fit_preprocessing(X[:, :11], 0)
 
 
+def test_fit_is_the_plain_column_transformer_fit_and_transform_is_bit_exact():
+    """fit_preprocessing skips ColumnTransformer.fit's throw-away transform, and
+    preprocess.transform skips scikit-learn's overheads: same numbers either way."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import QuantileTransformer
+    from support import raw_features
+
+    X = raw_features(30_000, 4)  # a discrete z and a spike at 0 in tx: repeated quantiles
+    ours = pickle.loads(pickle.dumps(preprocess.fit_preprocessing(X, 7)))
+    plain = ColumnTransformer([
+        ("quantile", QuantileTransformer(output_distribution="normal", random_state=7), list(range(8))),
+        ("flags", "passthrough", list(range(8, 12)))]).fit(X.astype(np.float64))
+    np.testing.assert_array_equal(ours.named_transformers_["quantile"].quantiles_,
+                                  plain.named_transformers_["quantile"].quantiles_)
+    q = ours.named_transformers_["quantile"].quantiles_
+    assert not all(np.all(np.diff(q[:, j]) > 0) for j in range(8))  # both paths of transform
+    probe = np.concatenate([raw_features(20_000, 5), X[:5000]])
+    probe[:50, :8] = q[:50, :8].astype(np.float32)  # exactly on knots
+    probe[50:60, 0] = [-1e30, 1e30, 0.0, -0.0, 3e38, -3e38, 1e-30, -1e-30, 5.0, -5.0]
+    expected = plain.transform(probe.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(ours.transform(probe.astype(np.float64)).astype(np.float32), expected)
+    np.testing.assert_array_equal(preprocess.transform(ours, probe), expected)
+
+
 @pytest.fixture
 def small_sample(tmp_path):
-    path = tmp_path / "small.feather"
+    path = tmp_path / "small.root"
     synth.write_sample(path, 3000, 11, progress=False)
     return path
 
@@ -159,7 +200,7 @@ def test_refuses_to_overwrite_without_force(small_sample, tmp_path):
     res = subprocess.run(cmd + ["--force"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert _snapshot(tmp_path / "data") != before[0]
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(SPLITS)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(SPLITS + [preprocess.REPORT])
 
 
 def _failing_writer(monkeypatch, fail_at):
@@ -181,7 +222,7 @@ def test_failure_midway_leaves_no_output(small_sample, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated"):
         _run(small_sample, tmp_path)
     assert len(calls) == 4
-    assert list((tmp_path / "data").iterdir()) == []  # no split dir, no temporaries
+    assert not (tmp_path / "data").exists()  # no split dir, no temporaries, no empty dir
     assert not (tmp_path / "model" / "tX.pkl").exists()
 
 
@@ -192,39 +233,57 @@ def test_failure_midway_with_force_keeps_old_output(small_sample, tmp_path, monk
     with pytest.raises(OSError, match="simulated"):
         _run(small_sample, tmp_path, seed=9, force=True)
     assert _snapshot(tmp_path) == before
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(SPLITS)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(SPLITS + [preprocess.REPORT])
+
+
+def _tuple_table(n, seed):
+    return pa.Table.from_batches([pa.RecordBatch.from_pydict(c) for c in synth.generate_tuple(n, seed)])
 
 
 def test_sample_schema_is_checked(tmp_path):
-    table = pa.Table.from_batches(list(synth.generate(100, 1)))
+    table = _tuple_table(100, 1)
     bad = tmp_path / "bad.feather"
     feather.write_feather(table.drop_columns(["mc_eta"]), bad)
-    with pytest.raises(DataError, match=r"bad\.feather.*mc_eta"):
+    with pytest.raises(DataError, match=r"bad\.feather: missing branches \['mc_eta'\]; it holds .*'mc_phi'"):
         _run(bad, tmp_path)
     with pytest.raises(DataError, match=r"nope\.feather.*missing"):
         _run(tmp_path / "nope.feather", tmp_path)
     junk = tmp_path / "junk.feather"
     junk.write_bytes(b"not arrow at all")
-    with pytest.raises(DataError, match=r"junk\.feather"):
+    with pytest.raises(DataError, match=r"junk\.feather: not a ROOT, feather or parquet file"):
         _run(junk, tmp_path)
     text = tmp_path / "text.feather"
-    feather.write_feather(table.set_column(6, "mc_eta", pa.array(["x"] * 100)), text)
-    with pytest.raises(DataError, match=r"text\.feather.*mc_eta.*not numeric"):
+    j = table.schema.get_field_index("mc_eta")
+    feather.write_feather(table.set_column(j, "mc_eta", pa.array(["x"] * 100)), text)
+    with pytest.raises(DataError, match=r"text\.feather: branch 'mc_eta' is not a flat numeric column"):
         _run(text, tmp_path)
     assert not (tmp_path / "data").exists()
 
 
-def test_non_finite_sample_values_are_refused_naming_column_and_row(tmp_path):
-    table = pa.Table.from_batches(list(synth.generate(200, 1)))
-    for column, value in (("mc_log10_p", np.nan), ("recoed_as_long", np.inf)):
+def test_non_finite_sample_values_are_refused_naming_branch_and_entry(tmp_path):
+    table = _tuple_table(200, 1)
+    for column, value in (("mc_p", np.nan), ("mc_x", np.inf), ("truth_long", np.nan)):
         j = table.schema.get_field_index(column)
         values = table.column(column).to_numpy().copy()
         values[[37, 120]] = value
         bad = tmp_path / f"bad_{column}.feather"
         feather.write_feather(table.set_column(j, column, pa.array(values)), bad)
-        with pytest.raises(DataError, match=rf"bad_{column}\.feather: column '{column}' has 2 "
-                                            rf"non-finite values \(first at row 37"):
+        with pytest.raises(DataError, match=rf"bad_{column}\.feather: branch '{column}' has 2 "
+                                            rf"non-finite values \(first at entry 37"):
             _run(bad, tmp_path)
+    assert not (tmp_path / "data").exists()
+
+
+def test_truth_columns_must_be_probabilities(tmp_path):
+    table = _tuple_table(200, 1)
+    j = table.schema.get_field_index("truth_long")
+    values = table.column("truth_long").to_numpy().copy()
+    values[[50, 60]] += 0.5
+    bad = tmp_path / "truth.feather"
+    feather.write_feather(table.set_column(j, "truth_long", pa.array(values)), bad)
+    with pytest.raises(DataError, match=r"truth\.feather: truth columns .* not probabilities summing "
+                                        r"to 1 in 2 rows \(first at entry 50"):
+        _run(bad, tmp_path)
     assert not (tmp_path / "data").exists()
 
 
@@ -257,8 +316,14 @@ def test_cli_defaults(monkeypatch, tmp_path):
     monkeypatch.setenv("EFFGEN_WORKDIR", str(tmp_path))
     parser = argparse.ArgumentParser()
     preprocess.register(parser.add_subparsers())
+    monkeypatch.delenv("INPUT_FILES", raising=False)
     args = parser.parse_args(["preprocess"])
-    assert args.input == tmp_path / "data" / "sample.feather"
+    assert args.input == [str(tmp_path / "data" / "sample.root")]
+    assert args.tree == "TrackingTupler/sim"
     assert args.output_dir == tmp_path / "data"
     assert args.preprocessing == tmp_path / "model" / "tX.pkl"
     assert args.max_fit_rows == 1_000_000 and not args.force
+    monkeypatch.setenv("INPUT_FILES", "a.root b.root")
+    parser = argparse.ArgumentParser()
+    preprocess.register(parser.add_subparsers())
+    assert parser.parse_args(["preprocess"]).input == ["a.root b.root"]

@@ -278,3 +278,32 @@ def test_benchmark_readers_agree(data_dir):
     assert [res["rows"] for res in results] == [1000, 1000, 300]
     assert results[-1]["speedup_vs_original"] == 1.0
     assert "x original" in bench_data.format_table(results)
+
+
+@pytest.mark.parametrize("value, message", [
+    (2.0, r"label column 'l1' is not one-hot 0/1: 1 values \(first at row 41: 2.0\)"),
+    (-1.0, r"label column 'l1' is not one-hot 0/1: 1 values \(first at row 41: -1.0\)"),
+])
+def test_validate_refuses_labels_that_are_not_one_hot(data_dir, value, message):
+    shard = data_dir / "part-00002.feather"
+    t = feather.read_table(shard)
+    col = t.column("l1").to_numpy().copy()
+    col[41] = value
+    feather.write_feather(t.set_column(t.schema.get_field_index("l1"), "l1", pa.array(col)), shard)
+    with pytest.raises(DataError, match=r"part-00002\.feather: " + message):
+        FeatherReader(data_dir).validate()
+
+
+def test_validate_refuses_rows_without_exactly_one_label(data_dir):
+    shard = data_dir / "part-00000.feather"
+    t = feather.read_table(shard)
+    both = t.column("l0").to_numpy().copy()
+    both[12] = 1.0  # and l1 too: two labels
+    l1 = t.column("l1").to_numpy().copy()
+    l1[12] = 1.0
+    t = t.set_column(t.schema.get_field_index("l0"), "l0", pa.array(both))
+    t = t.set_column(t.schema.get_field_index("l1"), "l1", pa.array(l1))
+    feather.write_feather(t, shard)
+    with pytest.raises(DataError, match=r"part-00000\.feather: labels \['l0', 'l1'\] are not one-hot: "
+                                        r"1 rows do not hold exactly one 1 \(first at row 12\)"):
+        FeatherReader(data_dir).validate()

@@ -7,8 +7,8 @@ import pyarrow.feather as feather
 import pytest
 from scipy import stats
 
-from effgen import schema
-from effgen.data import synth
+from effgen import errors, schema
+from effgen.data import derive, synth
 
 
 def _table(n, seed, chunk_size=1 << 18):
@@ -156,12 +156,100 @@ def test_vertices(big):
     assert 2000 < z.max() < 2700
 
 
-def test_write_sample_and_cli_refuses_overwrite(tmp_path):
-    out = tmp_path / "s.feather"
+def _tuple(n, seed, chunk_size=1 << 18):
+    chunks = list(synth.generate_tuple(n, seed, chunk_size))
+    return {c: np.concatenate([ch[c] for ch in chunks]) for c in synth.TUPLE_BRANCHES}
+
+
+@pytest.fixture(scope="module")
+def tup():
+    return _tuple(200_000, 1234)
+
+
+def test_tuple_branches_are_the_ones_the_derivation_reads(tup):
+    assert list(tup) == list(synth.TUPLE_BRANCHES)
+    for name in derive.REQUIRED + derive.OPTIONAL:
+        assert name in tup, name
+    for name, dtype in synth.TUPLE_BRANCHES.items():
+        assert tup[name].dtype == dtype, name
+
+
+def test_tuple_derives_to_the_feature_view(tup, big):
+    """generate() is the tuple through preprocess' derivation, row for row."""
+    view = synth.features_view(tup)
+    for name in big.column_names:
+        np.testing.assert_array_equal(view[name], big[name].to_numpy(), err_msg=name)
+
+
+def test_tuple_kinematics_are_consistent(tup):
+    p, pt = tup["mc_p"].astype(np.float64), tup["mc_pt"].astype(np.float64)
+    px, py, pz = (tup[c].astype(np.float64) for c in ("mc_px", "mc_py", "mc_pz"))
+    np.testing.assert_allclose(np.sqrt(px**2 + py**2 + pz**2), p, rtol=1e-5)
+    np.testing.assert_allclose(np.hypot(px, py), pt, rtol=1e-5)
+    np.testing.assert_allclose(pz / p, np.tanh(tup["mc_eta"].astype(np.float64)), rtol=1e-5)
+    np.testing.assert_allclose(px / pz, tup["mc_tx"], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(py / pz, tup["mc_ty"], rtol=1e-4, atol=1e-7)
+    assert (pz > 0).all() and set(np.unique(tup["mc_charge"])) == {-1, 1}
+    mass = dict(zip(np.abs(tup["mcID"]).tolist(), tup["mc_mass"].tolist()))
+    assert mass[211] == pytest.approx(139.57) and mass[13] == pytest.approx(105.658)
+
+
+def test_tuple_identifiers_are_unique(tup):
+    key = tup["runNumber"].astype(np.int64) * 10**12 + tup["evtNumber"] * 1000 + tup["mc_key"]
+    assert len(np.unique(key)) == len(key)
+    assert tup["mc_key"].max() < synth.PARTICLES_PER_EVENT
+
+
+def test_type_encodes_the_labels_and_acceptance_the_geometry(tup, big):
+    """type 3/4/5 are the reconstructed classes, every other code is not_recoed; a
+    reconstructed particle is always in the acceptance, whose rate follows eta."""
+    labels = _matrix(big, schema.LABELS)
+    t = tup["type"]
+    for j, code in enumerate(schema.TRACK_TYPES[1:], start=1):
+        np.testing.assert_array_equal(labels[:, j] == 1, t == code)
+    assert set(np.unique(t[labels[:, 0] == 1])) == {0, 1, 6}  # other codes occur too
+    acc = tup["acceptance"]
+    assert set(np.unique(acc)) == {0, 1}
+    assert (acc[labels[:, 0] == 0] == 1).all()
+    eta = tup["mc_eta"]
+    central, outside = (eta > 2.3) & (eta < 4.7), (eta < 1.8) | (eta > 5.2)
+    assert acc[central].mean() > 0.99 and acc[outside].mean() < 0.03
+    np.testing.assert_array_equal(tup["reconstructed"], t != 0)
+
+
+@pytest.mark.parametrize("suffix", [".root", ".feather", ".parquet"])
+def test_write_sample_in_each_format(tmp_path, suffix):
+    out = tmp_path / f"s{suffix}"
+    synth.write_sample(out, 3000, 5, chunk_size=1000, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporaries left
+    if suffix == ".root":
+        import uproot
+
+        with uproot.open(out) as f:
+            got = f[derive.TREE].arrays(library="np")
+    else:
+        import pyarrow.parquet as pq
+
+        table = feather.read_table(out) if suffix == ".feather" else pq.read_table(out)
+        got = {c: table.column(c).to_numpy() for c in table.column_names}
+    want = _tuple(3000, 5)
+    assert list(got) == list(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        assert got[name].dtype == want[name].dtype, name
+
+
+def test_write_sample_refuses_unknown_format(tmp_path):
+    with pytest.raises(errors.ConfigError, match=r"s\.csv.*\.root"):
+        synth.write_sample(tmp_path / "s.csv", 10, 1, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_overwrite(tmp_path):
+    import uproot
+
+    out = tmp_path / "s.root"
     synth.write_sample(out, 3000, 5, progress=False)
-    table = feather.read_table(out)
-    assert table.equals(_table(3000, 5))
-    assert [p.name for p in tmp_path.iterdir()] == ["s.feather"]  # no temporaries left
     before = out.read_bytes()
     cmd = [sys.executable, "-m", "effgen", "synth", "--n", "100", "--seed", "1", "--output", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -169,4 +257,5 @@ def test_write_sample_and_cli_refuses_overwrite(tmp_path):
     assert out.read_bytes() == before
     res = subprocess.run(cmd + ["--force"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert feather.read_table(out).num_rows == 100
+    with uproot.open(out) as f:
+        assert f[derive.TREE].num_entries == 100

@@ -140,3 +140,83 @@ def test_validate_names_a_missing_model_or_preprocessing(trained, tiny_dataset, 
         validate(trained, tiny_dataset["validation"], tmp_path / "v", max_rows=100,
                  preprocessing_path=tmp_path / "nope.pkl")
     assert not (tmp_path / "v" / "report.html").exists()
+
+
+def _copy_split(src, dst, edit=None):
+    """A copy of a shard directory, `edit(table) -> table` applied to its first shard."""
+    import shutil
+
+    import pyarrow.feather as feather
+
+    shutil.copytree(src, dst)
+    first = sorted(dst.glob("part-*.feather"))[0]
+    if edit is not None:
+        feather.write_feather(edit(feather.read_table(first)), first, compression="uncompressed")
+    return dst
+
+
+def _set(table, column, rows, value):
+    import pyarrow as pa
+
+    values = table.column(column).to_numpy().copy()
+    values[rows] = value
+    return table.set_column(table.schema.get_field_index(column), column, pa.array(values))
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("mc_eta", np.nan, r"column 'mc_eta' has 2 non-finite values \(first at row 7"),
+    ("raw_mc_z", np.inf, r"column 'raw_mc_z' has 2 non-finite values \(first at row 7"),
+    ("recoed_as_long", 2.0, r"label column 'recoed_as_long' is not one-hot 0/1: 2 values \(first at row 7"),
+    ("truth_long", np.nan, r"branch 'truth_long' has 2 non-finite values"),
+])
+def test_validate_refuses_bad_data_before_loading_the_model(trained, tiny_dataset, tmp_path, column,
+                                                            value, message):
+    from effgen.errors import DataError
+
+    data = _copy_split(tiny_dataset["validation"], tmp_path / "v",
+                       lambda t: _set(t, column, [7, 9], value))
+    with pytest.raises(DataError, match=message):
+        validate(trained, data, tmp_path / "out", max_rows=1500)
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_without_truth_says_so_and_writes_strict_json(trained, tiny_dataset, tmp_path):
+    """Shards without truth columns (the real sample): the label-based report, and a plain
+    statement, in metrics.json and report.html, that truth scores need truth columns."""
+    import subprocess
+    import sys
+
+    from effgen.training.validate import NO_TRUTH
+
+    data = _copy_split(tiny_dataset["validation"], tmp_path / "v")
+    defs = json.loads((data / "definitions.json").read_text())
+    defs["extra"] = [c for c in defs["extra"] if c not in schema.TRUTH]
+    (data / "definitions.json").write_text(json.dumps(defs))
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "effgen", "validate", "--model", str(trained),
+                          "--data", str(data), "--output-dir", str(out), "--max-rows", "1500",
+                          "--preprocessing", str(tiny_dataset["preprocessing"])],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "truth n/a (no truth columns)" in res.stdout and "need truth columns" in res.stdout
+    text = (out / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert metrics["truth_scores"] == NO_TRUTH
+    assert "truth" not in metrics["log_loss"] and "kl_truth_to_model" not in metrics
+    for row in metrics["per_class"].values():
+        assert set(row) == {"label_fraction", "mean_prediction", "calibration_error_vs_labels"}
+    for entry in metrics["per_species"].values():
+        assert "truth_sums" not in entry and len(entry["predicted_sums"]) == 4
+    assert metrics["log_loss"]["model"] < metrics["log_loss"]["prior"]
+    html = (out / "report.html").read_text()
+    assert "Truth scores: not available" in html and "need them" in html
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 6
+
+
+def test_metrics_json_is_strict(tmp_path):
+    from effgen.training.validate import strict_json
+
+    value = {"a": float("nan"), "b": [1.0, float("inf"), np.float32(2.5)], "c": np.int64(3),
+             "d": {"e": -np.inf}}
+    assert json.dumps(strict_json(value), allow_nan=False) == \
+        '{"a": null, "b": [1.0, null, 2.5], "c": 3, "d": {"e": null}}'

@@ -1,7 +1,15 @@
-"""Reader throughput: effgen's FeatherReader against the seed notebook's design.
+"""Data benchmarks: the reader's throughput, and preprocessing's speed and memory.
 
     python -m effgen.bench.data [--rows N] [--repeats R]
+    python -m effgen.bench.data --preprocess-rows 2000000 20000000 [--baseline-max-rows N]
 
+Preprocessing: `effgen preprocess` (streaming, ROOT tuple -> shards) against the seed
+notebook's design re-implemented (the whole tuple in memory with uproot.concatenate into
+pandas, the derivations, a fit on the first 1M rows, a random split, sklearn's transform),
+each in a fresh process on the same synthetic ROOT tuple: wall seconds (rows/s, end to
+end from process start) and peak resident memory (the child's ru_maxrss).
+
+Reader:
 synthesises and preprocesses a sample under <workdir>/bench/data/ if needed, then
 measures rows/s of `as_tf_dataset().batch(100_000)` on the training split against a
 re-implementation of the original reader (one file at a time, through
@@ -18,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from effgen import schema
 from effgen.data.reader import FeatherReader
 
 
@@ -94,11 +103,122 @@ def ensure_dataset(root: Path, rows: int, seed: int = 1) -> Path:
 
     data = root / f"rows-{rows}"
     if not (data / "train" / "definitions.json").exists():
-        sample = root / f"sample-{rows}.feather"
+        sample = root / f"sample-{rows}.root"
         if not sample.exists():
             synth.write_sample(sample, rows, seed)
         preprocess.preprocess(sample, data, data / "tX.pkl", seed, force=True)
     return data / "train"
+
+
+# ---- preprocessing ---------------------------------------------------------------------
+
+def notebook_preprocess(inputs, output_dir, seed, shard_rows=500_000, fit_rows=1_000_000):
+    """The seed notebook's design: every branch of every file in memory at once."""
+    import pandas as pd
+    import uproot
+
+    from effgen.data import derive, preprocess
+
+    frame = uproot.concatenate([f"{f}:{derive.TREE}" for f in inputs], derive.REQUIRED, library="pd")
+    frame = frame[frame["acceptance"] <= 1]
+    frame = frame[(frame["mc_pz"] > 0) & (frame["mc_charge"] != 0)]
+    frame["mc_log10_p"] = (np.log(frame["mc_p"]) / np.log(10)).astype(np.float32)
+    frame["mc_tx"] = frame["mc_px"] / frame["mc_pz"]
+    frame["mc_ty"] = frame["mc_py"] / frame["mc_pz"]
+    pid = frame["mcID"].abs()
+    frame["mc_is_e"] = (pid == 11).astype(np.float32)
+    frame["mc_is_mu"] = (pid == 13).astype(np.float32)
+    frame["mc_is_h"] = pid.isin(derive.HADRONS).astype(np.float32)
+    for j, code in enumerate((3, 4, 5), start=1):
+        frame[schema.LABELS[j]] = (frame["type"] == code).astype(np.float32)
+    frame["not_recoed"] = (~frame["type"].isin([3, 4, 5])).astype(np.float32)
+    X = frame[schema.FEATURES].to_numpy(np.float64)
+    ct = preprocess.fit_preprocessing(X[:fit_rows], seed)
+    which = np.random.default_rng(seed).choice(3, size=len(frame), p=[0.5, 0.4, 0.1])
+    output_dir = Path(output_dir)
+    for k, name in enumerate(preprocess.SPLITS):
+        (output_dir / name).mkdir(parents=True, exist_ok=True)
+        rows = np.flatnonzero(which == k)
+        for i, lo in enumerate(range(0, len(rows), shard_rows)):
+            part = rows[lo:lo + shard_rows]
+            cols = dict(zip(schema.FEATURES, ct.transform(X[part]).astype(np.float32).T))
+            cols.update({c: frame[c].to_numpy()[part] for c in schema.LABELS})
+            pd.DataFrame(cols).to_feather(output_dir / name / f"part-{i:05d}.feather")
+    return len(frame)
+
+
+def ensure_tuple(root: Path, rows: int, seed: int = 1) -> Path:
+    """A synthetic ROOT tuple of `rows` particles under root (made once)."""
+    from effgen.data import synth
+
+    path = Path(root) / f"tuple-{rows}.root"
+    if not path.exists():
+        synth.write_sample(path, rows, seed, progress=False)
+    return path
+
+
+def _measure(cmd):
+    """(wall seconds, peak RSS in MB, CPU seconds) of a child process; BenchError if it
+    fails. CPU seconds (user + system) tell the work apart from a busy machine's waits."""
+    import os
+    import subprocess
+
+    from effgen.errors import BenchError
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{out[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+
+
+PREPROCESS_CASES = ("effgen preprocess (streaming)", "notebook design (all in memory)")
+
+
+def bench_preprocess(root, rows, repeats=1, seed=1, baseline=True) -> list:
+    """One dict per case: case, rows, runs (seconds), rss_mb (peak, per run)."""
+    import os
+    import shutil
+    import sys
+
+    root = Path(root)
+    sample = ensure_tuple(root, rows, seed)
+    out = root / f"out-{rows}"
+    cmds = {PREPROCESS_CASES[0]: [sys.executable, "-m", "effgen", "preprocess", "--input", str(sample),
+                                  "--output-dir", str(out / "data"), "--preprocessing", str(out / "tX.pkl"),
+                                  "--seed", str(seed), "--force"],
+            PREPROCESS_CASES[1]: [sys.executable, "-m", "effgen.bench.data", "--notebook-baseline",
+                                  str(sample), str(out / "notebook"), "--seed", str(seed)]}
+    results = []
+    for case, cmd in cmds.items():
+        if case == PREPROCESS_CASES[1] and not baseline:
+            continue
+        runs, rss, cpu = [], [], []
+        for _ in range(repeats):
+            shutil.rmtree(out, ignore_errors=True)
+            seconds, mb, cpu_s = _measure(cmd)
+            runs.append(seconds)
+            rss.append(mb)
+            cpu.append(cpu_s)
+        results.append({"case": case, "rows": rows, "runs_s": runs, "rows_per_s": [rows / s for s in runs],
+                        "peak_rss_mb": rss, "cpu_s": cpu, "load_average": list(os.getloadavg())})
+    shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def format_preprocess_table(results) -> str:
+    lines = [f"{'case':34s} {'rows':>11s} {'seconds':>8s} {'M rows/s':>9s} {'CPU s':>7s} "
+             f"{'M rows/CPU s':>12s} {'peak RSS MB':>12s}"]
+    for r in results:
+        cpu = statistics.median(r["cpu_s"])
+        lines.append(f"{r['case']:34s} {r['rows']:>11,d} {statistics.median(r['runs_s']):>8.1f} "
+                     f"{statistics.median(r['rows_per_s']) / 1e6:>9.3f} {cpu:>7.1f} "
+                     f"{r['rows'] / cpu / 1e6:>12.3f} {max(r['peak_rss_mb']):>12.0f}")
+    return "\n".join(lines)
 
 
 def format_table(results) -> str:
@@ -124,9 +244,30 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=100_000)
     p.add_argument("--original-max-rows", type=int, default=50_000,
                    help="rows per pass for the (slow) original reader")
+    p.add_argument("--preprocess-rows", type=int, nargs="+",
+                   help="instead of the reader: time and peak memory of preprocessing tuples of these sizes")
+    p.add_argument("--baseline-max-rows", type=int, default=2_000_000,
+                   help="largest size the in-memory notebook baseline is run at")
+    p.add_argument("--notebook-baseline", nargs=2, metavar=("INPUT", "OUTPUT_DIR"),
+                   help=argparse.SUPPRESS)  # the baseline's child process
+    p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
+    if args.notebook_baseline:
+        n = notebook_preprocess([args.notebook_baseline[0]], args.notebook_baseline[1], args.seed)
+        print(f"notebook baseline: {n} rows")
+        return 0
 
     root = default_paths()["bench"] / "data"
+    if args.preprocess_rows:
+        results = []
+        for rows in args.preprocess_rows:
+            results += bench_preprocess(root, rows, args.repeats, args.seed,
+                                        baseline=rows <= args.baseline_max_rows)
+            print(format_preprocess_table(results), flush=True)
+        with atomic_file(root / "preprocess.json", "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"results: {root / 'preprocess.json'}")
+        return 0
     train = ensure_dataset(root, args.rows)
     results = bench_reader(train, args.batch_size, args.repeats, args.original_max_rows)
     print(format_table(results))

@@ -11,6 +11,8 @@ Sections (select with --sections):
            own cost).
   reader   rows per second of the training-data reader vs the seed notebook's design
            (effgen.bench.data).
+  preprocess  rows per second and peak memory of `effgen preprocess` from a ROOT tuple to
+           shards vs the notebook's in-memory design (effgen.bench.data).
 
 The machine is shared and noisy, so every number is the median of `repeats` runs made
 in this process, the cases of a section interleaved round by round (a load spike hits
@@ -39,7 +41,7 @@ from effgen.config import shipped_dir
 from effgen.errors import ConfigError
 from effgen.provenance import vouched_default
 
-SECTIONS = ("codegen", "calls", "lamarr", "reader")
+SECTIONS = ("codegen", "calls", "lamarr", "reader", "preprocess")
 BACKENDS = ("effgen", "scikinc")
 HARNESS = shipped_dir("c_harness", "timing.c") / "timing.c"
 
@@ -57,6 +59,8 @@ class Sizes:
     # Rows per pass of the slow original reader; a pass ends at the first batch that
     # reaches it, so below reader_batch it is one batch anyway.
     reader_original_rows: int = 100_000
+    preprocess_rows: int = 2_000_000  # ROOT tuple -> shards, effgen vs the notebook's design
+    preprocess_repeats: int = 1
     width: int = 128              # synthetic model (seed architecture by default)
     blocks: int = 5
     fit_rows: int = 20_000        # synthetic rows the synthetic model's preprocessing sees
@@ -65,6 +69,7 @@ class Sizes:
 DEFAULT = Sizes()
 QUICK = Sizes(repeats=2, build_repeats=1, reader_repeats=2, rows=300, tf_batch=500,
               ort_call_rows=100, reader_sample_rows=4_000, reader_batch=500, reader_original_rows=1_000,
+              preprocess_rows=20_000,
               width=16, blocks=1, fit_rows=2_000)
 
 
@@ -449,12 +454,27 @@ def reader_section(out_dir, sizes: Sizes, seed) -> list:
     return add_ratios(rows, results[-1]["reader"], higher_is_better=True)
 
 
+# ---- preprocess ----------------------------------------------------------------------
+def preprocess_section(out_dir, sizes: Sizes, seed) -> list:
+    """Rows/s and peak RSS of `effgen preprocess` against the notebook's in-memory design,
+    each ratio against the notebook row of the same unit."""
+    from effgen.bench import data as bench_data
+
+    results = bench_data.bench_preprocess(Path(out_dir), sizes.preprocess_rows, sizes.preprocess_repeats, seed)
+    speed = [row(f"{r['case']}, {r['rows']:,} rows", "rows/s", r["rows_per_s"]) for r in results]
+    memory = [row(f"{r['case']}, {r['rows']:,} rows: peak RSS", "MB", r["peak_rss_mb"]) for r in results]
+    return (add_ratios(speed, speed[-1]["name"], higher_is_better=True)
+            + add_ratios(memory, memory[-1]["name"], higher_is_better=False))
+
+
 # ---- the run -------------------------------------------------------------------------
 SECTION_TITLES = {
     "codegen": ("Code generation and compile", "effgen / scikinc (same step)"),
     "calls": ("Microseconds per particle", "speed-up over the scikinc library per call (higher is faster)"),
     "lamarr": ("Lamarr: SQLamarr efficiency Plugin step", "speed-up over the scikinc library (higher is faster)"),
     "reader": ("Training-data reader", "speed-up over the original design (higher is faster)"),
+    "preprocess": ("Preprocessing, ROOT tuple to shards (fresh process each)",
+                   "times better than the notebook's in-memory design (speed, or memory)"),
 }
 
 
@@ -502,6 +522,9 @@ def run_bench(*, output_dir, sections=SECTIONS, sizes: Sizes = DEFAULT, model_pa
         if "reader" in sections:
             print("[bench] reader: FeatherReader vs the original design", flush=True)
             report["sections"]["reader"] = reader_section(output_dir / "data", sizes, seed)
+        if "preprocess" in sections:
+            print("[bench] preprocess: streaming preprocess vs the notebook's in-memory design", flush=True)
+            report["sections"]["preprocess"] = preprocess_section(output_dir / "preprocess", sizes, seed)
     finally:
         if previous is not None:
             os.sched_setaffinity(0, previous)

@@ -79,13 +79,35 @@ def check_schema(file, sch: pa.Schema, columns):
             raise DataError(f"{file}: column '{name}' is not numeric ({sch.field(idx).type})")
 
 
-def check_finite(file, name, values):
-    """DataError naming the file, column, count and first row of any NaN / inf."""
+def check_finite(file, name, values, first_row=0, kind="column", row="row"):
+    """DataError naming the file, column (or branch), count and first row (or entry) of
+    any NaN / inf. Integer columns pass."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "fc":
+        return
     bad = ~np.isfinite(values)
     if bad.any():
         first = int(np.argmax(bad))
-        raise DataError(f"{file}: column '{name}' has {int(bad.sum())} non-finite values "
-                        f"(first at row {first}: {values[first]})")
+        raise DataError(f"{file}: {kind} '{name}' has {int(bad.sum())} non-finite values "
+                        f"(first at {row} {first_row + first}: {values[first]})")
+
+
+def check_one_hot(file, labels: dict, first_row=0):
+    """DataError naming the file, column and first bad row unless every label column is
+    0 or 1 and every row holds exactly one 1."""
+    for name, values in labels.items():
+        values = np.asarray(values)
+        bad = ~((values == 0) | (values == 1))
+        if bad.any():
+            first = int(np.argmax(bad))
+            raise DataError(f"{file}: label column '{name}' is not one-hot 0/1: {int(bad.sum())} "
+                            f"values (first at row {first_row + first}: {values[first]})")
+    total = sum(np.asarray(v, dtype=np.float64) for v in labels.values())
+    bad = np.asarray(total != 1)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise DataError(f"{file}: labels {list(labels)} are not one-hot: {int(bad.sum())} rows do "
+                        f"not hold exactly one 1 (first at row {first_row + first})")
 
 
 def open_shard(file):
@@ -289,8 +311,9 @@ class FeatherReader:
 
     # ---- checks ----------------------------------------------------------------------
     def validate(self, progress=False):
-        """Read every shard fully; DataError naming the file and column on NaN / inf in
-        a feature or label. Returns the number of rows checked."""
+        """Read every shard fully; DataError naming the file, column and first bad row on
+        NaN / inf in a feature or label, or labels that are not one-hot 0/1. Returns the
+        number of rows checked."""
         from tqdm import tqdm
 
         rows = 0
@@ -298,6 +321,7 @@ class FeatherReader:
             data = self._read(file, self.features + self.labels)
             for name, values in data.items():
                 check_finite(file, name, values)
+            check_one_hot(file, {name: data[name] for name in self.labels})
             rows += len(data[self.features[0]])
         return rows
 

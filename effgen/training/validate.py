@@ -13,12 +13,18 @@ import numpy as np
 
 from effgen import schema
 from effgen.atomic import atomic_file
-from effgen.errors import EffgenError
+from effgen.data.derive import check_truth
+from effgen.data.reader import check_finite, check_one_hot
+from effgen.errors import DataError, EffgenError
 
 MOMENTUM_EDGES_GEV = [0.5, 3, 5, 10, 30, 100, 200]
 SPECIES = {"e": "mc_is_e", "mu": "mc_is_mu", "hadron": "mc_is_h"}
 CALIBRATION_BINS = 20
 EPS = 1e-12
+NO_TRUTH = ("not available: the data has no truth columns "
+            f"({', '.join(schema.TRUTH)}); the scores against the true probabilities (truth "
+            "log-loss, KL divergence, per-class differences and calibration against the truth) "
+            "need them. Every score here is against the sampled labels.")
 CLASS_COLORS = ["#bbbbbb", "#4c72b0", "#dd8452", "#55a868"]
 
 
@@ -69,6 +75,7 @@ def compute_metrics(pred, labels, truth, masks):
         "per_class": {},
         "per_species": {},
     }
+    m["truth_scores"] = "available" if truth is not None else NO_TRUTH
     if truth is not None:
         m["log_loss"]["truth"] = log_loss(truth, label_index)
         m["log_loss"]["model_minus_truth"] = m["log_loss"]["model"] - m["log_loss"]["truth"]
@@ -229,9 +236,10 @@ REPORT_TEMPLATE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>effgen validation</title>
 <style>body{font-family:sans-serif;max-width:1200px;margin:auto}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#eee}img{max-width:100%}</style></head><body>
+th{background:#eee}img{max-width:100%}.note{background:#fff3cd;padding:6px}</style></head><body>
 <h1>Tracking-efficiency model: validation</h1>
 <p>Model <code>{{ model }}</code>, data <code>{{ data }}</code>, {{ "{:,}".format(m.n_rows) }} rows.</p>
+{% if m.truth_scores != "available" %}<p class="note"><strong>Truth scores: {{ m.truth_scores }}</strong></p>{% endif %}
 <h2>Log-loss</h2>
 <table><tr><th>model</th><th>truth-optimal</th><th>constant prior</th><th>model &minus; truth</th><th>KL(truth &#8214; model)</th></tr>
 <tr><td>{{ fmt(m.log_loss.model) }}</td><td>{{ fmt(m.log_loss.get("truth")) }}</td><td>{{ fmt(m.log_loss.prior) }}</td>
@@ -290,6 +298,30 @@ def _check_preprocessing(preprocessing_path, raw, features, model_path=None):
     return float(np.max(np.abs(redone - features)))
 
 
+def check_data(frame, features, labels, raw_cols, truth_cols, where):
+    """Refuse what would make the scores meaningless, before the model is loaded: NaN /
+    inf in any column used, labels that are not one-hot 0/1, truth columns that are not
+    probabilities summing to 1. Rows are counted over the rows read."""
+    for name in list(features) + list(labels) + list(raw_cols):
+        check_finite(where, name, frame[name].to_numpy())
+    check_one_hot(where, {name: frame[name].to_numpy() for name in labels})
+    if truth_cols:
+        check_truth(where, frame[truth_cols].to_numpy(np.float64))
+
+
+def strict_json(value):
+    """`value` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing_path=None,
              batch_size=65536) -> dict:
     """Score `model_path` on up to `max_rows` rows of the shards in `data_dir`; write the
@@ -309,13 +341,14 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
     raw_cols = [f"raw_{c}" for c in schema.FEATURES]
     missing = [c for c in raw_cols if c not in reader.extra]
     if missing:
-        raise ValueError(f"{data_dir}: extra columns {missing} are missing (needed for the plots)")
+        raise DataError(f"{data_dir}: extra columns {missing} are missing (needed for the plots)")
     truth_cols = list(schema.TRUTH) if all(c in reader.extra for c in schema.TRUTH) else []
     frame = reader.as_pandas(columns=list(reader.features) + list(reader.labels) + raw_cols
                              + truth_cols, max_rows=max_rows)
     if len(frame) == 0:
-        raise ValueError(f"{data_dir} holds no rows")
+        raise DataError(f"{data_dir} holds no rows")
 
+    check_data(frame, reader.features, reader.labels, raw_cols, truth_cols, data_dir)
     features = frame[list(reader.features)].to_numpy(np.float32)
     labels = frame[list(reader.labels)].to_numpy(np.float32)
     truth = frame[truth_cols].to_numpy(np.float64) if truth_cols else None
@@ -354,8 +387,9 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
         ("Calibration", plot_calibration(pred, labels, truth, output_dir / "calibration.png")),
     ]
     metrics["plots"] = [p.name for _, p in images]
+    metrics = strict_json(metrics)
     with atomic_file(output_dir / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=1)
+        json.dump(metrics, f, indent=1, allow_nan=False)
     write_report(metrics, images, output_dir / "report.html", model_path, data_dir)
     return metrics
 
@@ -373,7 +407,7 @@ def register(subparsers):
                    help="pickled transformer, checked against the shards' raw columns "
                         f"(default {paths['preprocessing']} if it exists)")
     p.add_argument("--data", type=Path, default=paths["validation"],
-                   help="shard directory with raw_*, mc_pid and truth_* extras (default %(default)s)")
+                   help="shard directory with raw_* extras; truth_* optional (default %(default)s)")
     p.add_argument("--output-dir", type=Path, default=paths["validation_report"],
                    help="default %(default)s")
     p.add_argument("--max-rows", type=int, default=1_000_000, help="default %(default)s")
@@ -394,7 +428,10 @@ def _main(args):
     except (FileNotFoundError, ValueError) as err:  # DataError, PreprocessingError too
         raise EffgenError(str(err)) from err
     ll = m["log_loss"]
+    truth = f"{ll['truth']:.5f}" if "truth" in ll else "n/a (no truth columns)"
     print(f"effgen validate: {m['n_rows']:,} rows; log-loss model {ll['model']:.5f}, "
-          f"truth {ll.get('truth', float('nan')):.5f}, prior {ll['prior']:.5f}; "
-          f"report {args.output_dir / 'report.html'}")
+          f"truth {truth}, prior {ll['prior']:.5f}; report {args.output_dir / 'report.html'}")
+    if "truth" not in ll:
+        print("effgen validate: truth scores need truth columns (truth_*); the report scores "
+              "the model against the labels only")
     return 0

@@ -1,0 +1,190 @@
+"""The seed notebook's derivations from the LHCb tuple `TrackingTupler/sim` (DOMAIN.md section 9).
+
+One chunk of tuple branches (a dict of numpy arrays) becomes the 12 raw features, the 4
+one-hot labels and the extra columns later models need (pid, `acceptance`, `type`, the
+truth columns when present). Rows Lamarr never sends (`mc_pz <= 0`, zero charge) are
+dropped and counted; `type` codes other than 0/3/4/5 count as not_recoed, as in the
+notebook, and are counted too. Bad values raise DataError naming the file, the branch,
+the count and the first entry.
+"""
+
+import numpy as np
+
+from effgen import schema
+from effgen.errors import DataError
+
+TREE = "TrackingTupler/sim"
+# Branches the derivation reads; every input must hold them.
+REQUIRED = ["mc_x", "mc_y", "mc_z", "mc_px", "mc_py", "mc_pz", "mc_p", "mc_eta", "mc_phi",
+            "mc_charge", "mcID", "type", "acceptance"]
+# A per-row key, used for the split when all three are present (see effgen.data.split),
+# with the momentum, so that particles sharing a key (files from jobs that restart their
+# run and event numbers) still get independent splits.
+KEY = ["runNumber", "evtNumber", "mc_key"]
+KEY_WITH = ["mc_px", "mc_py", "mc_pz"]
+OPTIONAL = KEY + schema.TRUTH
+KNOWN_TYPES = {0: "not_recoed", 3: "recoed_as_long", 4: "recoed_as_upstream", 5: "recoed_as_downstream"}
+HADRONS = [211, 321, 2212]
+# Extra columns every shard carries besides raw features and labels.
+PASSED = [schema.PID, "acceptance", "type"]
+TRUTH_SUM_TOLERANCE = 1e-4
+
+
+class Counts:
+    """What the selection dropped and which track types it saw, summed over chunks."""
+
+    def __init__(self):
+        self.entries = 0
+        self.dropped = {"acceptance > 1": 0, "mc_pz <= 0": 0, "mc_charge == 0": 0}
+        self.types = {}
+        self.bad = {}  # {file: {problem: [count, first entry, first value]}}, see note_bad
+
+    def note_bad(self, file, problem, mask, first_entry, values):
+        """Count the rows of `mask` under `problem` for `file`, remembering the first."""
+        k = int(mask.sum())
+        if k:
+            entry = self.bad.setdefault(str(file), {}).setdefault(problem, [0, None, None])
+            if entry[1] is None:
+                first = int(np.argmax(mask))
+                entry[1], entry[2] = first_entry + first, values(first)
+            entry[0] += k
+
+    def raise_bad(self, file):
+        """DataError listing every problem noted for `file`: the file, the branch, the count
+        over the whole file and the first entry."""
+        problems = self.bad.get(str(file))
+        if problems:
+            raise DataError(f"{file}: " + "; ".join(
+                f"{what.format(count=count)} (first at entry {first}: {value})"
+                for what, (count, first, value) in problems.items()))
+
+    def add_types(self, types):
+        codes, counts = np.unique(types, return_counts=True)
+        for c, k in zip(codes.tolist(), counts.tolist()):
+            self.types[c] = self.types.get(c, 0) + k
+
+    @property
+    def kept(self):
+        return self.entries - sum(self.dropped.values()) - sum(
+            k for problems in self.bad.values() for k, _, _ in problems.values())
+
+    def unknown_types(self) -> dict:
+        return {c: k for c, k in sorted(self.types.items()) if c not in KNOWN_TYPES}
+
+    def as_dict(self) -> dict:
+        return {"entries": self.entries, "kept": self.kept, "dropped": dict(self.dropped),
+                "type_counts": {str(c): k for c, k in sorted(self.types.items())},
+                "unknown_types_as_not_recoed": {str(c): k for c, k in self.unknown_types().items()}}
+
+    def summary(self) -> str:
+        parts = [f"{self.entries:,} entries read, {self.kept:,} kept"]
+        dropped = [f"{k:,} with {why}" for why, k in self.dropped.items() if k]
+        if dropped:
+            parts.append("dropped " + ", ".join(dropped))
+        unknown = self.unknown_types()
+        if unknown:
+            parts.append("track types counted as not_recoed: "
+                         + ", ".join(f"type {c}: {k:,}" for c, k in unknown.items()))
+        return "; ".join(parts)
+
+
+def _bad_values(chunk, counts, file, first_entry):
+    """Rows with a non-finite value in any branch read, or truth columns that are not
+    probabilities summing to 1: noted in counts (the caller raises once the file is read,
+    with counts over the whole file) and returned as a mask."""
+    invalid = np.zeros(len(chunk["mc_pz"]), dtype=bool)
+    for name in [c for c in REQUIRED + OPTIONAL if c in chunk]:
+        v = np.asarray(chunk[name])
+        if v.dtype.kind == "f":
+            bad = ~np.isfinite(v)
+            counts.note_bad(file, f"branch '{name}' has {{count}} non-finite values", bad, first_entry,
+                            lambda i, v=v: v[i])
+            invalid |= bad
+    if all(c in chunk for c in schema.TRUTH):
+        truth = np.stack([np.asarray(chunk[c], dtype=np.float64) for c in schema.TRUTH], axis=1)
+        with np.errstate(invalid="ignore"):
+            bad = (truth < 0).any(axis=1) | (truth > 1).any(axis=1)
+            bad |= np.abs(truth.sum(axis=1) - 1.0) > TRUTH_SUM_TOLERANCE
+        bad &= ~invalid
+        counts.note_bad(file, f"truth columns {schema.TRUTH} are not probabilities summing to 1 in "
+                              "{count} rows", bad, first_entry, lambda i: truth[i].tolist())
+        invalid |= bad
+    return invalid
+
+
+def check_truth(where, truth):
+    """DataError unless the (n, 4) truth matrix holds finite probabilities summing to 1."""
+    counts = Counts()
+    _bad_values(dict(zip(schema.TRUTH, np.asarray(truth).T), mc_pz=np.ones(len(truth))),
+                counts, where, 0)
+    counts.raise_bad(where)
+
+
+def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
+    """Features, labels and extras of one chunk of tuple branches, selected rows only.
+
+    Returns {"features": (12, n) float32, "labels": (4, n) float32 (column-major: one
+    row per column), "extra": {name: array}, "kept": boolean mask over the chunk's entries}."""
+    n = len(chunk["mc_pz"])
+    invalid = _bad_values(chunk, counts, file, first_entry)
+    counts.entries += n
+
+    # The notebook's selection (acceptance <= 1 keeps every row of a real tuple), then
+    # what Lamarr never sends: the model is only ever called with pz > 0 and a charge.
+    # Invalid rows go too: they are reported, with their count, once the file is read.
+    keep = ~invalid
+    with np.errstate(invalid="ignore"):
+        over = np.asarray(chunk["acceptance"]) > 1
+    counts.dropped["acceptance > 1"] += int((over & keep).sum())
+    keep &= ~over
+    for why, bad in (("mc_pz <= 0", np.asarray(chunk["mc_pz"]) <= 0),
+                     ("mc_charge == 0", np.asarray(chunk["mc_charge"]) == 0)):
+        bad &= keep
+        counts.dropped[why] += int(bad.sum())
+        keep &= ~bad
+    rows = None if keep.all() else np.flatnonzero(keep)
+
+    def col(name, dtype=np.float64):
+        v = np.asarray(chunk[name])
+        return (v if rows is None else v[rows]).astype(dtype, copy=False)
+
+    f32 = np.float32
+    pz = col("mc_pz")
+    abs_id = np.abs(col("mcID", np.int64))
+    # Column-major (12, n): each feature is contiguous for the column-wise writers.
+    features = np.empty((len(schema.FEATURES), len(pz)), dtype=f32)
+    features[0] = col("mc_x")
+    features[1] = col("mc_y")
+    features[2] = col("mc_z")
+    features[3] = (np.log(col("mc_p")) / np.log(10)).astype(f32)
+    # Overwrites the tuple's own mc_tx / mc_ty, as the notebook does.
+    features[4] = col("mc_px") / pz
+    features[5] = col("mc_py") / pz
+    features[6] = col("mc_eta")
+    features[7] = col("mc_phi")
+    features[8] = abs_id == 11
+    features[9] = abs_id == 13
+    features[10] = np.isin(abs_id, HADRONS)
+    features[11] = col("mc_charge")
+    bad = ~np.isfinite(features).all(axis=0)  # e.g. mc_p = 0, or px / pz overflowing
+    if bad.any():
+        j, i = int(np.argmax(~np.isfinite(features[:, bad][:, 0]))), int(np.argmax(bad))
+        entry = first_entry + (i if rows is None else int(rows[i]))
+        raise DataError(f"{file}: derived feature '{schema.FEATURES[j]}' is not finite in "
+                        f"{int(bad.sum())} rows of entries {first_entry}-{first_entry + n - 1} (first "
+                        f"at entry {entry}: mc_p={chunk['mc_p'][entry - first_entry]}, "
+                        f"mc_px={chunk['mc_px'][entry - first_entry]}, mc_pz={chunk['mc_pz'][entry - first_entry]})")
+
+    types = col("type", np.int32)
+    counts.add_types(types)
+    labels = np.zeros((len(schema.LABELS), len(pz)), dtype=f32)
+    for j, code in enumerate((3, 4, 5), start=1):
+        labels[j] = types == code
+    labels[0] = labels[1:].sum(axis=0) == 0
+
+    extra = {schema.PID: col("mcID", np.int32), "acceptance": col("acceptance", np.int32),
+             "type": types}
+    for c in schema.TRUTH:
+        if c in chunk:
+            extra[c] = col(c, f32)
+    return {"features": features, "labels": labels, "extra": extra, "kept": keep}
