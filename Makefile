@@ -149,9 +149,7 @@ endif
 # kill, concurrency, thread and sanitizer tests. `make test` runs them all at a smaller size.
 FUZZ_EXAMPLES ?= 120
 check-hard: $(STAMP)
-	EFFGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_models.py \
-	    tests/test_kill.py tests/test_makefile.py tests/test_threads.py tests/test_abi.py \
-	    tests/test_parity.py
+	EFFGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -m "slow or make or sanitizer or lamarr" tests
 
 bench: $(STAMP)
 	$(EFFGEN) bench --output-dir $(W)/bench

@@ -37,7 +37,8 @@ from effgen.codegen.native import Library, compile_shared
 
 # Keras' own noise: quantize() skipping layers without weights; model.save() converting
 # variables with np.array(x).
-pytestmark = [pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize`:UserWarning"),
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize`:UserWarning"),
               pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept:DeprecationWarning")]
 
 EXAMPLES = int(os.environ.get("EFFGEN_FUZZ_EXAMPLES", "24"))

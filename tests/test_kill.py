@@ -22,6 +22,8 @@ from effgen.data.reader import FeatherReader
 from effgen.data.sources import Source
 from effgen.provenance import sha256_of
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 

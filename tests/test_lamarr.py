@@ -14,6 +14,8 @@ import pytest
 from effgen import schema
 from effgen.checks import draws, lamarr, parity, parity_compare
 
+pytestmark = pytest.mark.lamarr
+
 MOCK_C = r"""
 #include <math.h>
 /* Probabilities that depend on every input, so a swapped or shifted column shows. */

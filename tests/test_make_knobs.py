@@ -18,6 +18,8 @@ from effgen.codegen.abi import render_abi
 from effgen.codegen.backends import Core
 from effgen.codegen.native import Library
 
+pytestmark = pytest.mark.make
+
 REPO = Path(__file__).resolve().parents[1]
 
 

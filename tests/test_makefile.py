@@ -16,6 +16,8 @@ from effgen import schema
 from effgen.codegen.export import sha256_of
 from effgen.codegen.native import Library, check_library
 
+pytestmark = [pytest.mark.make, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_KNOBS = ["N_PARTICLES=20000", "BATCH_SIZE=512", "PRE_TRAINING_TIME_LIMIT_SECONDS=2",
               "FINE_TUNING_TIME_LIMIT_SECONDS=2"]

@@ -129,6 +129,7 @@ def raw_rows(tiny_dataset):
     return np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
 
 
+@pytest.mark.sanitizer
 def test_sanitizer_build_catches_an_out_of_bounds_read(tiny_model, tiny_dataset, raw_rows, tmp_path):
     # A core that reads one float past its input: harmless-looking in a normal build
     # (it reads the next row), a heap-buffer-overflow on the last row under ASan.
@@ -156,6 +157,7 @@ def _export_library(model, preprocessing, out_dir, backend):
     return so, paths["source"]
 
 
+@pytest.mark.sanitizer
 def test_exported_library_matches_tensorflow(tiny_model, tiny_dataset, raw_rows, tmp_path):
     so, source = _export_library(tiny_model, tiny_dataset["preprocessing"], tmp_path / "lib", "effgen")
     report = parity.run_parity(model_path=tiny_model, preprocessing_path=tiny_dataset["preprocessing"],

@@ -16,6 +16,8 @@ from effgen.codegen.export import export
 from effgen.codegen.native import compile_shared
 from effgen.config import shipped_dir
 
+pytestmark = pytest.mark.slow
+
 DRIVER = shipped_dir("c_harness", "threads.c") / "threads.c"
 
 

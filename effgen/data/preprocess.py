@@ -345,9 +345,8 @@ def register(subparsers):
     paths = default_paths()
     p = subparsers.add_parser("preprocess", help="derive the features from the tuple, fit the "
                                                  "preprocessing, split and shard")
-    # The seed notebook's INPUT_FILES (space-separated) when --input is not given.
-    p.add_argument("--input", nargs="+",
-                   default=os.environ.get("INPUT_FILES", "").split() or [str(paths["sample"])],
+    # The seed notebook's INPUT_FILES (space-separated; expand_inputs splits it) by default.
+    p.add_argument("--input", nargs="+", default=[os.environ.get("INPUT_FILES") or str(paths["sample"])],
                    help="ROOT files with the tuple (or feather / parquet files with its branches): "
                         "paths, globs or a space-separated list (default $INPUT_FILES or %(default)s)")
     p.add_argument("--tree", default=TREE, help="tree path inside the ROOT files (default %(default)s)")
