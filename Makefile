@@ -12,10 +12,13 @@ export EFFGEN_WORKDIR := $(W)
 # Main-job knobs (see README).
 N_PARTICLES ?= 2000000
 SEED        ?= 42
-# Training sized so the main job takes ~10 minutes on 2 cores; the seed's env vars win.
-BATCH_SIZE  ?= 10000
-PRE_TRAINING_TIME_LIMIT_SECONDS ?= 60
-FINE_TUNING_TIME_LIMIT_SECONDS  ?= 300
+# Training: the recipe (effgen/training/recipes.py: default or seed) sets batch size, epochs
+# and time limits, sized so the main job takes at most ~10 minutes on 2 cores; the seed's
+# env vars, when set, override them (a one-phase recipe's limit is the fine-tuning one).
+RECIPE      ?= default
+BATCH_SIZE  ?=
+PRE_TRAINING_TIME_LIMIT_SECONDS ?=
+FINE_TUNING_TIME_LIMIT_SECONDS  ?=
 BACKEND     ?= effgen
 SYMBOL      ?= efficiency
 # Target selection for the compiled library: empty = portable x86-64 baseline with
@@ -58,11 +61,14 @@ $(TRAIN_DIR)/definitions.json $(TX) &: $(SAMPLE)
 	$(EFFGEN) preprocess --input $(SAMPLE) --output-dir $(W)/data --preprocessing $(TX) --seed $(SEED) --force
 
 $(MODEL): $(TRAIN_DIR)/definitions.json $(TX)
-	$(EFFGEN) train --resume --batch-size $(BATCH_SIZE) \
-	    --pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS) --ft-limit $(FINE_TUNING_TIME_LIMIT_SECONDS)
+	$(EFFGEN) train --resume --recipe $(RECIPE) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
+	    $(if $(PRE_TRAINING_TIME_LIMIT_SECONDS),--pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS)) \
+	    $(if $(FINE_TUNING_TIME_LIMIT_SECONDS),--ft-limit $(FINE_TUNING_TIME_LIMIT_SECONDS))
 
+# Scored on the test split (the validation split steered training), beside the
+# gradient-boosted baseline fitted on the training split.
 $(REPORT): $(MODEL)
-	$(EFFGEN) validate
+	$(EFFGEN) validate --data $(W)/data/test --baseline-train-data $(TRAIN_DIR)
 
 # Records the backend, so `make lamarr-lib BACKEND=scikinc` regenerates the source.
 BACKEND_STAMP := $(LAMARR)/.backend
