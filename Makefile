@@ -10,7 +10,8 @@ W           ?= build
 export EFFGEN_WORKDIR := $(W)
 
 # Main-job knobs (see README).
-N_PARTICLES ?= 2000000
+# 4M particles: 2M training rows, so the default recipe's ~30M samples are ~15 passes (issue 14).
+N_PARTICLES ?= 4000000
 SEED        ?= 42
 # Training: the recipe (effgen/training/recipes.py: default or seed) sets batch size, epochs
 # and time limits, sized so the main job takes at most ~10 minutes on 2 cores; the seed's

@@ -520,6 +520,10 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
     run.write_state()
 
     keras.utils.set_random_seed(seed)
+    # Same code path on a GPU (the `gpu` extra installs TensorFlow's CUDA build): Keras
+    # places the model there by itself; the history records what was used.
+    gpus = tf.config.list_physical_devices("GPU")
+    config["device"] = f"GPU x{len(gpus)} ({gpus[0].name})" if gpus else "CPU"
     # The seed validates on one batch; other recipes on a fixed subset (the shards are
     # already shuffled by preprocess, so the first rows are a fair sample).
     val_rows = batch_size if recipe.validation_rows is None else recipe.validation_rows
@@ -571,7 +575,8 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
         history["model_sha256"] = sha256_of(model_tmp)
         history_tmp.write_text(json.dumps(history, indent=1))
     run.clear()
-    print(f"effgen train: wrote {output_model} (recipe {recipe.name}, {model.count_params():,} "
+    print(f"effgen train: wrote {output_model} (recipe {recipe.name} on {config['device']}, "
+          f"{model.count_params():,} "
           f"parameters, {history['wall_s']:.1f}s of training, {history['samples_per_s']:,.0f} "
           "samples/s)", flush=True)
     return history
