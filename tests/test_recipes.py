@@ -155,6 +155,23 @@ def test_schedule_follows_the_clock_when_the_clock_is_ahead():
     assert cb.progress() == pytest.approx(0.5) and cb.by_time       # the clock leads
 
 
+def test_schedule_ends_the_epoch_once_the_clock_has_run_out():
+    phase = Phase("p", "adam", 1.0, 0.0, None, 10, schedule="cosine")
+    now = [0.0]
+    cb = train_module.ScheduleCallback(phase, total_steps=1000, steps_done=0, limit_s=10, already_s=0,
+                                       clock=lambda: now[0])
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    cb.set_model(model)
+    model.stop_training = False
+    cb.on_train_begin()
+    now[0] = 9.0
+    cb.on_train_batch_end(0)
+    assert not model.stop_training
+    now[0] = 10.5
+    cb.on_train_batch_end(1)
+    assert model.stop_training and cb.steps == 2
+
+
 def test_default_recipe_learns_a_tiny_sample(tiny_dataset, tmp_path):
     from effgen.data.reader import FeatherReader
     from effgen.training.validate import log_loss

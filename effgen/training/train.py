@@ -93,6 +93,10 @@ def _callback_classes():
 
         def on_epoch_begin(self, epoch, logs=None):
             self._epoch_start = time.monotonic()
+            self._steps = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._steps += 1
 
         def on_epoch_end(self, epoch, logs=None):
             now = time.monotonic()
@@ -103,6 +107,7 @@ def _callback_classes():
                 "val_loss": _finite_or_none(logs.get("val_loss")),
                 "wall_s": round(now - self._epoch_start, 4),
                 "elapsed_s": round(self.already_s + now - self._start, 4),
+                "steps": self._steps,
                 "learning_rate": float(self.model.optimizer.learning_rate.numpy()),
             }
             ph = self.run.state["phases"][self.phase.name]
@@ -143,6 +148,10 @@ def _callback_classes():
 
         def on_train_batch_end(self, batch, logs=None):
             self.steps += 1
+            # Out of time: the rate is at its floor; end the epoch here rather than run
+            # the rest of it past the limit (the time limit then ends the phase).
+            if self.progress() >= 1.0 and self.by_time:
+                self.model.stop_training = True
 
     _CLASSES.update(TimeLimitCallback=TimeLimitCallback,
                     ResumableEarlyStopping=ResumableEarlyStopping,
@@ -559,9 +568,8 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
     history = make_history(run, recipe, config, model.count_params())
     history["features"] = list(train_reader.features)
     history["labels"] = list(train_reader.labels)
-    history["samples_per_s"] = round(sum(len(p["epochs"]) for p in history["phases"])
-                                     * recipe.steps_per_epoch * batch_size
-                                     / max(history["wall_s"], 1e-9), 1)
+    history["samples_per_s"] = round(sum(e["steps"] for p in history["phases"] for e in p["epochs"])
+                                     * batch_size / max(history["wall_s"], 1e-9), 1)
     # Provenance for `effgen export`: which tX.pkl made the training features, and which
     # model file this history belongs to.
     history["preprocessing_sha256"] = train_reader.preprocessing_sha256
