@@ -108,8 +108,8 @@ DEFAULT = Recipe(
     # Within minutes the fit is limited by the number of steps (Adam moves each weight by
     # about the rate per step): at equal samples, batches of 1024 beat 2048 and a peak of
     # 4e-3 beats 2e-3 (issue 14's ablation); 512 gained nothing over 1024. 30,000 steps
-    # (31M samples) would take about the 300 s on 2 idle cores; on a loaded machine the
-    # clock ends the schedule instead.
+    # (31M samples) fit the 300 s only at ~100k samples/s (2 idle cores, not measured: the
+    # machine was shared); on a slower or loaded machine the clock ends the schedule.
     l2=0.0, batch_size=1024, steps_per_epoch=1000, max_epochs=30, validation_rows=200_000,
     in_memory=True,
     phases=(
