@@ -107,9 +107,9 @@ DEFAULT = Recipe(
             "200k fixed rows, best epoch kept",
     # Within minutes the fit is limited by the number of steps (Adam moves each weight by
     # about the rate per step): at equal samples, batches of 1024 beat 2048 and a peak of
-    # 8e-3 beat 4e-3 beat 2e-3 (issue 14's ablation); 512 gained nothing over 1024. On 2
-    # CPU cores (19-28k samples/s measured) the 300 s end the schedule before its 30,000
-    # steps; the step budget binds on faster machines (a GPU).
+    # 8e-3 beat 4e-3 beat 2e-3 (issue 14's ablation); 512 gained nothing over 1024. On the
+    # shared 2-core machine (15-46k samples/s measured) the 300 s end the schedule before
+    # its 30,000 steps (31M samples); the step budget binds on faster or idle machines.
     l2=0.0, batch_size=1024, steps_per_epoch=1000, max_epochs=30, validation_rows=200_000,
     in_memory=True,
     phases=(
