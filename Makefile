@@ -46,6 +46,7 @@ MANIFEST_FLAGS = $(strip $(subst ',,$(subst ",,$(subst \,/,$(CFLAGS_LIB)))))
 SAMPLE      := $(W)/data/sample.root
 TRAIN_DIR   := $(W)/data/train
 VAL_DIR     := $(W)/data/validation
+TEST_DIR    := $(W)/data/test
 MODEL       := $(OUTPUT_MODEL)
 TX          := $(OUTPUT_PREPROCESSING)
 REPORT      := $(W)/validation/metrics.json
@@ -78,14 +79,19 @@ $(TRAIN_DIR)/definitions.json $(TX) &: $(SAMPLE)
 	$(EFFGEN) preprocess --input $(SAMPLE) --output-dir $(W)/data --preprocessing $(TX) --seed $(SEED) --force
 
 $(MODEL): $(TRAIN_DIR)/definitions.json $(TX)
-	$(EFFGEN) train --resume --train-data $(TRAIN_DIR) --validation-data $(VAL_DIR) --output $@ \
-	    --batch-size $(BATCH_SIZE) --steps-per-epoch $(STEPS_PER_EPOCH) --max-epochs $(MAX_EPOCHS) \
-	    --pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS) --ft-limit $(FINE_TUNING_TIME_LIMIT_SECONDS) \
-	    --seed $(SEED)
+	$(EFFGEN) train --resume --recipe $(RECIPE) --train-data $(TRAIN_DIR) \
+	    --validation-data $(VAL_DIR) --output $@ --seed $(SEED) \
+	    $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
+	    $(if $(STEPS_PER_EPOCH),--steps-per-epoch $(STEPS_PER_EPOCH)) \
+	    $(if $(MAX_EPOCHS),--max-epochs $(MAX_EPOCHS)) \
+	    $(if $(PRE_TRAINING_TIME_LIMIT_SECONDS),--pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS)) \
+	    $(if $(FINE_TUNING_TIME_LIMIT_SECONDS),--ft-limit $(FINE_TUNING_TIME_LIMIT_SECONDS))
 
+# Scored on the test split (the validation split steered training), beside the
+# gradient-boosted baseline fitted on the training split.
 $(REPORT): $(MODEL)
-	$(EFFGEN) validate --model $(MODEL) --preprocessing $(TX) --data $(VAL_DIR) \
-	    --output-dir $(W)/validation
+	$(EFFGEN) validate --model $(MODEL) --preprocessing $(TX) --data $(TEST_DIR) \
+	    --baseline-train-data $(TRAIN_DIR) --output-dir $(W)/validation
 
 # Records the backend, so `make lamarr-lib BACKEND=scikinc` regenerates the source.
 BACKEND_STAMP := $(LAMARR)/.backend

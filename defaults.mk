@@ -12,20 +12,22 @@ TEST_DATA ?= $(W)/data/test
 OUTPUT_MODEL ?= $(W)/model/model.keras
 # fitted preprocessing (pickled ColumnTransformer)
 OUTPUT_PREPROCESSING ?= $(W)/model/tX.pkl
-# rows of the synthetic sample
-N_PARTICLES ?= 2000000
+# rows of the synthetic sample (4M: 2M training rows for the default recipe)
+N_PARTICLES ?= 4000000
 # seed of synth, preprocess (split, quantiles) and train
 SEED ?= 42
-# rows per training batch (sized for a ~10 minute main job on 2 cores; the seed notebook used 100000)
-BATCH_SIZE ?= 10000
+# training recipe (effgen/training/recipes.py): default, or seed (the notebook's)
+RECIPE ?= default
+# rows per training batch (the seed notebook used 100000)
+BATCH_SIZE ?=
 # training batches per epoch
-STEPS_PER_EPOCH ?= 50
+STEPS_PER_EPOCH ?=
 # epochs per training phase at most
-MAX_EPOCHS ?= 100
-# phase 1 time limit
-PRE_TRAINING_TIME_LIMIT_SECONDS ?= 60
-# phase 2 time limit (the seed notebook used 600)
-FINE_TUNING_TIME_LIMIT_SECONDS ?= 300
+MAX_EPOCHS ?=
+# first phase's time limit
+PRE_TRAINING_TIME_LIMIT_SECONDS ?=
+# last phase's time limit (a one-phase recipe's only limit)
+FINE_TUNING_TIME_LIMIT_SECONDS ?=
 # code generator: effgen, or scikinc (the reference route)
 BACKEND ?= effgen
 # exported function name of the library

@@ -41,16 +41,18 @@ _KNOBS = (
     Knob("OUTPUT_PREPROCESSING", "{workdir}/model/tX.pkl", "path",
          "fitted preprocessing (pickled ColumnTransformer)"),
     # synth / preprocess / train.
-    Knob("N_PARTICLES", 2_000_000, "int", "rows of the synthetic sample", minimum=1),
+    Knob("N_PARTICLES", 4_000_000, "int",
+         "rows of the synthetic sample (4M: 2M training rows for the default recipe)", minimum=1),
     Knob("SEED", 42, "int", "seed of synth, preprocess (split, quantiles) and train", minimum=0),
-    Knob("BATCH_SIZE", 10_000, "int",
-         "rows per training batch (sized for a ~10 minute main job on 2 cores; the seed "
-         "notebook used 100000)", minimum=1),
-    Knob("STEPS_PER_EPOCH", 50, "int", "training batches per epoch", minimum=1),
-    Knob("MAX_EPOCHS", 100, "int", "epochs per training phase at most", minimum=1),
-    Knob("PRE_TRAINING_TIME_LIMIT_SECONDS", 60.0, "float", "phase 1 time limit", minimum=0),
-    Knob("FINE_TUNING_TIME_LIMIT_SECONDS", 300.0, "float",
-         "phase 2 time limit (the seed notebook used 600)", minimum=0),
+    Knob("RECIPE", "default", "str",
+         "training recipe (effgen/training/recipes.py): default, or seed (the notebook's)"),
+    # Empty: the recipe's own value (effgen/training/recipes.py holds the recipes' table).
+    Knob("BATCH_SIZE", None, "int", "rows per training batch (the seed notebook used 100000)", minimum=1),
+    Knob("STEPS_PER_EPOCH", None, "int", "training batches per epoch", minimum=1),
+    Knob("MAX_EPOCHS", None, "int", "epochs per training phase at most", minimum=1),
+    Knob("PRE_TRAINING_TIME_LIMIT_SECONDS", None, "float", "first phase's time limit", minimum=0),
+    Knob("FINE_TUNING_TIME_LIMIT_SECONDS", None, "float",
+         "last phase's time limit (a one-phase recipe's only limit)", minimum=0),
     # export and the library build.
     Knob("BACKEND", "effgen", "str", "code generator: effgen, or scikinc (the reference route)"),
     Knob("SYMBOL", "efficiency", "str", "exported function name of the library"),
@@ -120,7 +122,10 @@ class Lazy:
     def __str__(self):
         knob = KNOBS[self.name]
         raw = os.environ.get(knob.env) if knob.env_read else None
-        return f"${knob.env}={raw}" if raw else str(table_default(self.name))
+        if raw:
+            return f"${knob.env}={raw}"
+        default = table_default(self.name)
+        return "the recipe's" if default is None else str(default)
 
     def resolve(self):
         return value(self.name)
@@ -221,7 +226,7 @@ def make_include() -> str:
     lines = ["# Generated from effgen/config.py by `python -m effgen.config --make`: do not edit.",
              "# Precedence: make VAR=... > the environment > these defaults (?=)."]
     for k in _KNOBS:
-        default = str(k.default).replace("{workdir}", "$(W)")
+        default = "" if k.default is None else str(k.default).replace("{workdir}", "$(W)")
         if isinstance(k.default, float) and k.default == int(k.default):
             default = str(int(k.default))
         op = "?=" if k.env_read else ":="
@@ -239,7 +244,8 @@ def markdown_table() -> str:
     rows = ["| knob (env / make) | default | type | what |", "|---|---|---|---|"]
     for k in _KNOBS:
         name = k.env + (f" (make {k.make})" if k.make else "") + ("" if k.env_read else " (fixed)")
-        rows.append(f"| `{name}` | `{k.default}` | {k.type} | {k.doc} |")
+        default = "(the recipe's)" if k.default is None else f"`{k.default}`"
+        rows.append(f"| `{name}` | {default} | {k.type} | {k.doc} |")
     return "\n".join(rows) + "\n"
 
 

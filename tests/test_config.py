@@ -28,8 +28,10 @@ def test_flag_beats_environment_beats_table(monkeypatch):
 def test_one_seed_and_one_batch_size_for_every_stage(monkeypatch):
     seeds = {_parsed([stage], monkeypatch).seed for stage in ("synth", "preprocess", "train")}
     assert seeds == {config.KNOBS["SEED"].default}
-    # The main job's batch size, whether make or `effgen train` runs it.
-    assert _parsed(["train"], monkeypatch).batch_size == 10_000
+    # The main job's batch size, whether make or `effgen train` runs it: unset in both, so
+    # the recipe's (make passes --batch-size only when BATCH_SIZE is set).
+    assert _parsed(["train"], monkeypatch).batch_size is None
+    assert "\nBATCH_SIZE ?=\n" in config.make_include()
 
 
 @pytest.mark.parametrize("raw", ["1.9", "abc", "nan", "-3", "inf", ""])
@@ -46,6 +48,7 @@ def test_an_empty_environment_variable_means_unset(monkeypatch):
 def test_every_knob_has_a_type_a_doc_and_a_parseable_default():
     for knob in config.KNOBS.values():
         assert knob.doc and knob.type in ("int", "float", "str", "path", "flags")
-        if knob.type in ("int", "float"):
+        if knob.type in ("int", "float") and knob.default is not None:  # None: the recipe's
             assert config.parse(knob, str(knob.default)) == knob.default
-    assert "| `BATCH_SIZE` | `10000` |" in config.markdown_table()
+    assert "| `BATCH_SIZE` | (the recipe's) |" in config.markdown_table()
+    assert "| `N_PARTICLES` | `4000000` |" in config.markdown_table()

@@ -48,7 +48,8 @@ def test_defaults_mk_is_generated_from_the_table():
 def test_make_sees_the_table_defaults_and_the_environment_and_the_command_line():
     for name, knob in config.KNOBS.items():
         if knob.type in ("int", "float", "str") and name != "CC":
-            assert _print(knob.make or name) == str(config.table_default(name)).removesuffix(".0")
+            default = config.table_default(name)  # None: the recipe's, empty in make
+            assert _print(knob.make or name) == ("" if default is None else str(default).removesuffix(".0"))
     # Precedence: command line > environment > table.
     assert _print("BATCH_SIZE", env=_env(BATCH_SIZE="123")) == "123"
     assert _print("BATCH_SIZE", "BATCH_SIZE=7", env=_env(BATCH_SIZE="123")) == "7"
@@ -69,7 +70,7 @@ def test_library_flags_of_make_parity_and_bench_agree():
 
 def test_make_passes_every_knob_to_every_stage(tmp_path):
     work = tmp_path / "w"
-    knobs = ["N_PARTICLES=1234", "SEED=77", "BATCH_SIZE=99", "STEPS_PER_EPOCH=5", "MAX_EPOCHS=3",
+    knobs = ["N_PARTICLES=1234", "SEED=77", "RECIPE=seed", "BATCH_SIZE=99", "STEPS_PER_EPOCH=5", "MAX_EPOCHS=3",
              "PRE_TRAINING_TIME_LIMIT_SECONDS=11", "FINE_TUNING_TIME_LIMIT_SECONDS=22"]
     proc = _make("-n", "lamarr-lib", f"W={work}", *knobs)
     assert proc.returncode == 0, proc.stderr
@@ -80,12 +81,21 @@ def test_make_passes_every_knob_to_every_stage(tmp_path):
     assert "--seed 77" in lines["preprocess"]
     train = " ".join(lines["train"].split())
     for flag in ("--batch-size 99", "--steps-per-epoch 5", "--max-epochs 3", "--pre-limit 11",
-                 "--ft-limit 22", "--seed 77", f"--output {work}/model/model.keras",
+                 "--ft-limit 22", "--seed 77", "--recipe seed", f"--output {work}/model/model.keras",
                  f"--train-data {work}/data/train", f"--validation-data {work}/data/validation"):
         assert flag in train, train
     for stage in ("validate", "export", "describe"):
         assert f"--model {work}/model/model.keras" in lines[stage]
         assert f"--preprocessing {work}/model/tX.pkl" in lines[stage]
+
+
+def test_unset_training_knobs_leave_the_recipe_its_values(tmp_path):
+    proc = _make("-n", "lamarr-lib", f"W={tmp_path / 'w'}")
+    assert proc.returncode == 0, proc.stderr
+    train = [line for line in proc.stdout.replace("\\\n", " ").splitlines() if "effgen train" in line][0]
+    assert "--recipe default" in train
+    for flag in ("--batch-size", "--steps-per-epoch", "--max-epochs", "--pre-limit", "--ft-limit"):
+        assert flag not in train, train
 
 
 def test_output_model_in_the_environment_is_where_make_trains_and_exports(tmp_path):

@@ -203,7 +203,8 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 # ---- through FeatherReader, the function API and the CLI -----------------------------
 
-TINY = dict(batch_size=BATCH, steps_per_epoch=STEPS, width=8, blocks=1)
+# The seed recipe: these tests exercise its two phases through the function API.
+TINY = dict(recipe="seed", batch_size=BATCH, steps_per_epoch=STEPS, width=8, blocks=1)
 
 
 def test_train_writes_model_history_and_plot(tiny_dataset, tmp_path):
@@ -291,7 +292,8 @@ def test_cli_killed_mid_finetuning_resumes_without_rerunning_pretraining(tiny_da
     out = tmp_path / "model.keras"
     state_path = checkpoint_dir(out) / "state.json"
     steps = 60  # epochs long enough that phase 2 cannot finish before the kill
-    cmd = [sys.executable, "-m", "effgen", "train", "--train-data", str(tiny_dataset["train"]),
+    cmd = [sys.executable, "-m", "effgen", "train", "--recipe", "seed",
+           "--train-data", str(tiny_dataset["train"]),
            "--validation-data", str(tiny_dataset["validation"]), "--output", str(out),
            "--batch-size", str(BATCH), "--steps-per-epoch", str(steps), "--width", "8",
            "--blocks", "1", "--max-epochs", "100", "--pre-limit", "1", "--ft-limit", "600",

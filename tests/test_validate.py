@@ -91,7 +91,7 @@ def trained(tiny_dataset, tmp_path_factory):
     from effgen.training.train import train
 
     out = tmp_path_factory.mktemp("validate_model") / "model.keras"
-    train(tiny_dataset["train"], tiny_dataset["validation"], out, batch_size=512,
+    train(tiny_dataset["train"], tiny_dataset["validation"], out, recipe="seed", batch_size=512,
           steps_per_epoch=10, max_epochs=100, pre_limit_s=3, ft_limit_s=4, width=16, blocks=1,
           seed=0, verbose=0)
     return out
@@ -220,3 +220,62 @@ def test_metrics_json_is_strict(tmp_path):
              "d": {"e": -np.inf}}
     assert json.dumps(strict_json(value), allow_nan=False) == \
         '{"a": null, "b": [1.0, null, 2.5], "c": 3, "d": {"e": null}}'
+
+
+# ---- fidelity: the network beside the gradient-boosted baseline (issue 14) -------------
+
+def test_fidelity_metrics_score_against_the_truth_and_the_targets():
+    from effgen.training.validate import FIDELITY_TARGETS, fidelity_metrics
+
+    rng = np.random.default_rng(5)
+    truth = _truth(100_000, rng)
+    labels = _draw(truth, rng)
+    exact = fidelity_metrics(truth, labels, truth)
+    assert exact["log_loss_gap_pct"] == 0 and all(exact["meets"].values())
+    shifted = np.clip(truth + np.array([0.02, -0.02, 0, 0]), 1e-6, 1)
+    off = fidelity_metrics(shifted, labels, truth)
+    first = off["per_class"][schema.LABELS[0]]
+    assert first["mean_offset_vs_truth"] == pytest.approx(np.mean(shifted[:, 0]) - np.mean(truth[:, 0]))
+    assert first["mean_abs_diff_vs_truth"] == pytest.approx(np.mean(np.abs(shifted[:, 0] - truth[:, 0])))
+    assert first["mean_abs_diff_vs_truth"] > FIDELITY_TARGETS["mean_abs_diff_vs_truth"]
+    assert not off["meets"]["mean_abs_diff_vs_truth"] and not off["meets"]["abs_mean_offset_vs_truth"]
+    assert off["log_loss_gap_pct"] > 0
+
+
+def test_validate_fits_the_baseline_and_shows_it_beside_the_network(trained, tiny_dataset, tmp_path):
+    out_dir = tmp_path / "validation"
+    metrics = validate(trained, tiny_dataset["test"], out_dir, max_rows=3000,
+                       baseline_train_dir=tiny_dataset["train"])
+    b = metrics["baseline"]
+    assert b["fit"]["train_rows"] == tiny_dataset["rows"]["train"]
+    assert b["fit"]["model"] == "HistGradientBoostingClassifier"
+    # The network's side is the same score as the main metrics.
+    for name in schema.LABELS:
+        assert b["network"]["per_class"][name]["mean_abs_diff_vs_truth"] == pytest.approx(
+            metrics["per_class"][name]["mean_abs_diff_vs_truth"])
+    assert b["network"]["log_loss"] == pytest.approx(metrics["log_loss"]["model"])
+    assert b["baseline"]["log_loss"] < metrics["log_loss"]["prior"]
+    assert set(b["network_better"]) == set(schema.LABELS) | {"log_loss"}
+    assert "calibration_vs_baseline.png" in metrics["plots"]
+    assert (out_dir / "calibration_vs_baseline.png").stat().st_size > 1000
+    html = (out_dir / "report.html").read_text()
+    assert "gradient-boosted baseline" in html and "HistGradientBoostingClassifier" in html
+    assert json.loads((out_dir / "metrics.json").read_text())["baseline"]["fit"]["n_iter"] == b["fit"]["n_iter"]
+
+
+def test_validate_without_truth_columns_skips_the_baseline(trained, tiny_dataset, tmp_path):
+    import shutil
+
+    import pyarrow.feather as feather
+
+    data = tmp_path / "no_truth"
+    shutil.copytree(tiny_dataset["test"], data)
+    for shard in data.glob("*.feather"):
+        table = feather.read_table(shard)
+        feather.write_feather(table.drop_columns(list(schema.TRUTH)), shard)
+    defs = json.loads((data / "definitions.json").read_text())
+    defs["extra"] = [c for c in defs["extra"] if c not in schema.TRUTH]
+    (data / "definitions.json").write_text(json.dumps(defs))
+    metrics = validate(trained, data, tmp_path / "v", max_rows=1000, baseline_train_dir=tiny_dataset["train"])
+    assert "baseline" not in metrics
+    assert "gradient-boosted" not in (tmp_path / "v" / "report.html").read_text()

@@ -1,8 +1,10 @@
-"""`effgen train`: the seed notebook's two-phase training, resumable after a crash.
+"""`effgen train`: train the efficiency model by a recipe, resumable after a crash.
 
-Phase 1 ("pretraining") uses a high learning rate and a little label smoothing; phase 2
-("finetuning") a lower rate and no smoothing, so the outputs keep a probabilistic
-meaning. Each phase stops at early stopping, at its time limit (checked at epoch end)
+A recipe (effgen/training/recipes.py, `--recipe`) is a sequence of phases. The `seed`
+recipe is the notebook's: phase 1 ("pretraining") uses a high learning rate and a little
+label smoothing; phase 2 ("finetuning") a lower rate and no smoothing, so the outputs
+keep a probabilistic meaning. The `default` recipe is one Adam phase with a cosine
+schedule. Each phase stops at early stopping, at its time limit (checked at epoch end)
 or at the maximum number of epochs, and ends on its best weights.
 
 Nothing is lost on a crash: a run directory beside the model (`<model>.checkpoints/`)
@@ -16,28 +18,17 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from effgen.atomic import atomic_file, atomic_outputs, atomic_path, exclusive_lock
 from effgen.errors import EffgenError, TrainingError
 from effgen.provenance import sha256_of
+from effgen.training.recipes import RECIPES, SEED, Recipe, get_recipe
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    label_smoothing: float
-    learning_rate: float
-    patience: int
-
-
-PHASES = (
-    Phase("pretraining", label_smoothing=0.01, learning_rate=1e-2, patience=3),
-    Phase("finetuning", label_smoothing=0.0, learning_rate=1e-3, patience=5),
-)
+# The seed notebook's phases (kept under this name for callers of run_phases).
+PHASES = SEED.phases
 
 
 # ---- callbacks (Keras is imported only when one is first asked for) ------------------
@@ -102,6 +93,10 @@ def _callback_classes():
 
         def on_epoch_begin(self, epoch, logs=None):
             self._epoch_start = time.monotonic()
+            self._steps = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._steps += 1
 
         def on_epoch_end(self, epoch, logs=None):
             now = time.monotonic()
@@ -112,6 +107,8 @@ def _callback_classes():
                 "val_loss": _finite_or_none(logs.get("val_loss")),
                 "wall_s": round(now - self._epoch_start, 4),
                 "elapsed_s": round(self.already_s + now - self._start, 4),
+                "steps": self._steps,
+                "learning_rate": float(self.model.optimizer.learning_rate.numpy()),
             }
             ph = self.run.state["phases"][self.phase.name]
             improved = record["val_loss"] is not None and (
@@ -124,16 +121,48 @@ def _callback_classes():
                 self.run.save_model(self.model, self.phase, "best")
             self.run.write_state()
 
+    class ScheduleCallback(keras.callbacks.Callback):
+        """Set the phase's learning rate before every batch from its progress =
+        max(steps done / step budget, seconds used / time limit): on a slow machine the
+        schedule still reaches its floor by the time limit."""
+
+        def __init__(self, phase, total_steps, steps_done, limit_s, already_s, clock=time.monotonic):
+            super().__init__()
+            self.clock = clock
+            self.phase, self.total_steps = phase, max(int(total_steps), 1)
+            self.steps, self.limit_s, self.already_s = int(steps_done), float(limit_s), float(already_s)
+            self.by_time = False
+
+        def on_train_begin(self, logs=None):
+            self._start = self.clock()
+
+        def progress(self):
+            by_steps = self.steps / self.total_steps
+            by_time = (self.already_s + self.clock() - self._start) / self.limit_s \
+                if self.limit_s > 0 else 1.0
+            self.by_time = self.by_time or by_time > by_steps
+            return max(by_steps, by_time)
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.model.optimizer.learning_rate = self.phase.learning_rate_at(self.progress())
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+            # Out of time: the rate is at its floor; end the epoch here rather than run
+            # the rest of it past the limit (the time limit then ends the phase).
+            if self.progress() >= 1.0 and self.by_time:
+                self.model.stop_training = True
+
     _CLASSES.update(TimeLimitCallback=TimeLimitCallback,
                     ResumableEarlyStopping=ResumableEarlyStopping,
-                    PhaseRecorder=PhaseRecorder)
+                    PhaseRecorder=PhaseRecorder, ScheduleCallback=ScheduleCallback)
     return _CLASSES
 
 
 def __getattr__(name):
     # `from effgen.training.train import TimeLimitCallback` works without importing Keras
     # when this module is merely imported (e.g. by `effgen --help`).
-    if name in ("TimeLimitCallback", "ResumableEarlyStopping", "PhaseRecorder"):
+    if name in ("TimeLimitCallback", "ResumableEarlyStopping", "PhaseRecorder", "ScheduleCallback"):
         return _callback_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -155,7 +184,7 @@ def checkpoint_dir(output_model) -> Path:
 class RunDir:
     """state.json plus `<phase>-{last,best}.keras` in one directory."""
 
-    def __init__(self, path, fingerprint):
+    def __init__(self, path, fingerprint, phases=PHASES):
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.state = {
@@ -164,7 +193,7 @@ class RunDir:
             "phases": {p.name: {"done": False, "stop_reason": None, "epochs": [],
                                 "elapsed_s": 0.0, "best_epoch": None, "best_val_loss": None,
                                 "resumed_at_epochs": []}
-                       for p in PHASES},
+                       for p in phases},
         }
 
     @property
@@ -212,10 +241,20 @@ class RunDir:
 
 # ---- the two phases --------------------------------------------------------------------
 
+def make_optimizer(phase, learning_rate=None):
+    import keras
+    rate = phase.learning_rate if learning_rate is None else learning_rate
+    if phase.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(rate)
+    if phase.optimizer == "adam":
+        return keras.optimizers.Adam(rate)
+    return keras.optimizers.AdamW(rate, weight_decay=phase.weight_decay)
+
+
 def _compile(model, phase):
     import keras
     model.compile(loss=keras.losses.CategoricalCrossentropy(label_smoothing=phase.label_smoothing),
-                  optimizer=keras.optimizers.RMSprop(phase.learning_rate))
+                  optimizer=make_optimizer(phase, phase.learning_rate_at(0.0)))
 
 
 def _resume_early_stopping(run, phase, epochs):
@@ -231,16 +270,24 @@ def _resume_early_stopping(run, phase, epochs):
     }
 
 
-def run_phases(build, make_train_data, validation_data, run, *, steps_per_epoch, max_epochs,
-               limits, verbose=2):
-    """Run (or continue) both phases; return the model on phase 2's best weights.
+def run_phases(build, make_train_data, validation_data, run, *, recipe=SEED, steps_per_epoch=None,
+               max_epochs=None, limits=None, verbose=2):
+    """Run (or continue) the recipe's phases; return the model on the last phase's best
+    weights.
 
     build() -> an uncompiled fresh model; make_train_data(phase_index, epochs_done) ->
     an endless tf.data dataset of batches; validation_data is what Keras' fit takes
-    (here, a one-batch dataset); run is a RunDir; limits gives each phase's seconds."""
+    (here, a one-batch dataset); run is a RunDir; steps_per_epoch / max_epochs / limits
+    (each phase's seconds) override the recipe's."""
     cls = _callback_classes()
+    recipe = recipe.with_overrides(steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
+    steps_per_epoch = recipe.steps_per_epoch
+    if limits is None:
+        limits = [p.time_limit_s for p in recipe.phases]
+    phases = recipe.phases
     model = None
-    for index, (phase, limit_s) in enumerate(zip(PHASES, limits)):
+    for index, (phase, limit_s) in enumerate(zip(phases, limits)):
+        max_epochs = recipe.phase_max_epochs(phase)
         ph = run.state["phases"][phase.name]
         epochs = ph["epochs"]
         if ph["done"]:
@@ -256,23 +303,32 @@ def run_phases(build, make_train_data, validation_data, run, *, steps_per_epoch,
             resume_es = _resume_early_stopping(run, phase, epochs)
         else:
             if model is None:
-                model = _load_phase_result(run, PHASES[index - 1]) if index else build()
+                model = _load_phase_result(run, phases[index - 1]) if index else build()
             _compile(model, phase)
             resume_es = None
-            print(f"== {phase.name}: learning rate {phase.learning_rate:g}, label smoothing "
+            print(f"== {phase.name}: {phase.optimizer}, {phase.schedule} learning rate "
+                  f"{phase.learning_rate:g}, label smoothing "
                   f"{phase.label_smoothing:g}, patience {phase.patience}, limit {limit_s:g}s, "
-                  f"{model.count_params():,} parameters", flush=True)
+                  f"{max_epochs} x {steps_per_epoch} steps, {model.count_params():,} parameters",
+                  flush=True)
 
-        early = cls["ResumableEarlyStopping"](monitor="val_loss", patience=phase.patience,
+        # No patience: never stop early, but still end on the best epoch's weights.
+        patience = max_epochs + 1 if phase.patience is None else phase.patience
+        early = cls["ResumableEarlyStopping"](monitor="val_loss", patience=patience,
                                               restore_best_weights=True, resume_from=resume_es)
         timer = cls["TimeLimitCallback"](limit_s, already_s=ph["elapsed_s"])
         recorder = cls["PhaseRecorder"](run, phase, already_s=ph["elapsed_s"])
-        stop_reason = _already_over(ph, phase, max_epochs, limit_s, resume_es)
+        callbacks = [early, timer, recorder]
+        if phase.schedule != "constant":
+            callbacks.insert(0, cls["ScheduleCallback"](
+                phase, max_epochs * steps_per_epoch, len(epochs) * steps_per_epoch, limit_s,
+                ph["elapsed_s"]))
+        stop_reason = _already_over(ph, patience, max_epochs, limit_s, resume_es)
         if stop_reason is None:
             model.fit(make_train_data(index, len(epochs)), initial_epoch=len(epochs),
                       epochs=max_epochs, steps_per_epoch=steps_per_epoch,
                       validation_data=validation_data,
-                      callbacks=[early, timer, recorder], verbose=verbose, shuffle=False)
+                      callbacks=callbacks, verbose=verbose, shuffle=False)
             if early.stopped_epoch > 0:
                 stop_reason = "early_stopping"
             elif timer.fired:
@@ -287,7 +343,7 @@ def run_phases(build, make_train_data, validation_data, run, *, steps_per_epoch,
               f"{ph['elapsed_s']:.1f}s; best val_loss {ph['best_val_loss']} "
               f"at epoch {ph['best_epoch']}", flush=True)
     if model is None:  # everything was already done
-        model = _load_phase_result(run, PHASES[-1])
+        model = _load_phase_result(run, phases[-1])
     return model
 
 
@@ -298,32 +354,33 @@ def _load_phase_result(run, phase):
     return run.load_model(phase, which)
 
 
-def _already_over(ph, phase, max_epochs, limit_s, resume_es):
+def _already_over(ph, patience, max_epochs, limit_s, resume_es):
     """Why an interrupted phase needs no more epochs, if it does not."""
     n = len(ph["epochs"])
     if n >= max_epochs:
         return "max_epochs"
     if n and ph["elapsed_s"] > limit_s:
         return "time_limit"
-    if resume_es is not None and resume_es["wait"] >= phase.patience:
+    if resume_es is not None and resume_es["wait"] >= patience:
         return "early_stopping"
     return None
 
 
 # ---- outputs ---------------------------------------------------------------------------
 
-def make_history(run, limits, max_epochs, config, n_params):
+def make_history(run, recipe, config, n_params):
     phases = []
-    for phase, limit_s in zip(PHASES, limits):
+    for phase in recipe.phases:
         ph = run.state["phases"][phase.name]
         phases.append({
-            "name": phase.name, "label_smoothing": phase.label_smoothing,
+            "name": phase.name, "optimizer": phase.optimizer, "schedule": phase.schedule,
+            "label_smoothing": phase.label_smoothing,
             "learning_rate": phase.learning_rate, "patience": phase.patience,
-            "limit_s": limit_s, "max_epochs": max_epochs,
+            "limit_s": phase.time_limit_s, "max_epochs": recipe.phase_max_epochs(phase),
             **{k: ph[k] for k in ("stop_reason", "best_epoch", "best_val_loss", "elapsed_s",
                                   "resumed_at_epochs", "epochs")},
         })
-    return {"config": config, "n_params": n_params, "phases": phases,
+    return {"config": config, "recipe": recipe.describe(), "n_params": n_params, "phases": phases,
             "wall_s": round(sum(p["elapsed_s"] for p in phases), 3)}
 
 
@@ -359,6 +416,11 @@ def plot_history(history, path):
 
 # ---- the function API ------------------------------------------------------------------
 
+# Above this many training rows (16 float32 each: 64 bytes a row) the data stream from
+# the shards instead of being held in memory.
+MAX_IN_MEMORY_ROWS = 40_000_000
+
+
 def _data_fingerprint(reader):
     files = []
     for p in sorted(Path(f) for f in reader.data_files):
@@ -367,18 +429,56 @@ def _data_fingerprint(reader):
     return {"features": list(reader.features), "labels": list(reader.labels), "files": files}
 
 
-def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoch, max_epochs,
-          pre_limit_s, ft_limit_s, width=128, blocks=5, seed=0, resume=False, verbose=2) -> dict:
-    """Train the seed model on the shards in `train_dir`, validating on one batch of
-    `validation_dir`; write `output_model` (.keras), history.json and loss.png beside
-    it, and return the history."""
+def _in_memory_batches(features, labels, batch_size, seed):
+    """An endless dataset of batches over in-memory arrays: a fresh seeded permutation
+    per pass, rows gathered inside TensorFlow (only the index batches come from Python)."""
+    import numpy as np
+    import tensorflow as tf
+
+    n = len(features)
+    x, y = tf.constant(features), tf.constant(labels)
+    rng = np.random.default_rng(seed)
+
+    def indices():
+        while True:
+            perm = rng.permutation(n)
+            for start in range(0, n - batch_size + 1, batch_size):
+                yield perm[start:start + batch_size]
+
+    return (tf.data.Dataset.from_generator(indices, output_signature=tf.TensorSpec((batch_size,), tf.int64))
+            .map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(2))
+
+
+def resolve_recipe(recipe, **overrides) -> Recipe:
+    """A recipe (or its name) with the given values (None: the recipe's) put in."""
+    if isinstance(recipe, str):
+        recipe = get_recipe(recipe)
+    recipe = recipe.with_overrides(**overrides)
+    for name in ("batch_size", "steps_per_epoch", "max_epochs", "width", "blocks"):
+        if int(getattr(recipe, name)) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(recipe, name)}")
+    if recipe.validation_rows is not None and recipe.validation_rows < 1:
+        raise ValueError(f"validation_rows must be >= 1, got {recipe.validation_rows}")
+    for phase in recipe.phases:
+        if phase.time_limit_s < 0:
+            raise ValueError(f"phase {phase.name}: time limit must be >= 0, got {phase.time_limit_s}")
+    return recipe
+
+
+def train(train_dir, validation_dir, output_model, *, recipe="default", batch_size=None,
+          steps_per_epoch=None, max_epochs=None, pre_limit_s=None, ft_limit_s=None, width=None,
+          blocks=None, seed=0, resume=False, verbose=2) -> dict:
+    """Train by `recipe` (a Recipe or its name; the other keywords, when not None,
+    override its values) on the shards in `train_dir`, validating on `validation_dir`;
+    write `output_model` (.keras), history.json and loss.png beside it, and return the
+    history. `pre_limit_s` is the first phase's time limit, `ft_limit_s` the last's."""
     output_model = Path(output_model)
     if output_model.suffix != ".keras":
         raise ValueError(f"output model {output_model} must end in .keras (Keras requires it)")
-    for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch),
-                        ("max_epochs", max_epochs)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    recipe = resolve_recipe(recipe, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                            max_epochs=max_epochs, pre_limit_s=pre_limit_s, ft_limit_s=ft_limit_s,
+                            width=width, blocks=blocks)
+    batch_size = recipe.batch_size
 
     from effgen.data.reader import FeatherReader
 
@@ -397,12 +497,18 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
         raise ValueError(f"{train_dir} has {train_reader.n_rows} rows, fewer than one batch "
                          f"of {batch_size}: lower --batch-size")
 
-    config = {"width": width, "blocks": blocks, "batch_size": batch_size,
-              "steps_per_epoch": steps_per_epoch, "seed": seed,
+    config = {"recipe": recipe.name, "width": recipe.width, "blocks": recipe.blocks,
+              "batch_size": batch_size, "steps_per_epoch": recipe.steps_per_epoch, "seed": seed,
               "n_features": len(train_reader.features), "n_classes": len(train_reader.labels),
               "train_rows": train_reader.n_rows, "validation_rows": val_reader.n_rows}
+    # The whole recipe, less the time limits and epoch caps (changing those resumes).
+    recipe_key = recipe.describe()
+    for ph in recipe_key["phases"]:
+        del ph["time_limit_s"], ph["max_epochs"]
+    del recipe_key["max_epochs"]
     fingerprint = {"config": {k: config[k] for k in ("width", "blocks", "batch_size",
                                                      "steps_per_epoch", "seed")},
+                   "recipe": recipe_key,
                    "train": _data_fingerprint(train_reader),
                    "validation": _data_fingerprint(val_reader)}
 
@@ -411,7 +517,7 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
 
     from effgen.training.network import build_model
 
-    run = RunDir(checkpoint_dir(output_model), fingerprint)
+    run = RunDir(checkpoint_dir(output_model), fingerprint, recipe.phases)
     if resume:
         why_not = run.try_resume()
         if why_not:
@@ -423,31 +529,47 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
     run.write_state()
 
     keras.utils.set_random_seed(seed)
-    x_val, y_val = next(iter(val_reader.as_tf_dataset().batch(batch_size)))
+    # Same code path on a GPU (the `gpu` extra installs TensorFlow's CUDA build): Keras
+    # places the model there by itself; the history records what was used.
+    gpus = tf.config.list_physical_devices("GPU")
+    config["device"] = f"GPU x{len(gpus)} ({gpus[0].name})" if gpus else "CPU"
+    # The seed validates on one batch; other recipes on a fixed subset (the shards are
+    # already shuffled by preprocess, so the first rows are a fair sample).
+    val_rows = batch_size if recipe.validation_rows is None else recipe.validation_rows
+    x_val, y_val = next(iter(val_reader.as_tf_dataset().batch(val_rows)))
+    config["validation_rows_used"] = int(x_val.shape[0])
     validation_data = tf.data.Dataset.from_tensors((x_val, y_val))
+
+    in_memory = recipe.in_memory and train_reader.n_rows <= MAX_IN_MEMORY_ROWS
+    if in_memory:
+        x_train, y_train = next(train_reader.iter_xy(train_reader.n_rows))
+    config["data"] = "memory" if in_memory else "stream"
 
     def make_train_data(phase_index, epochs_done):
         # A different shuffle per phase and per resume, reproducible from the seed.
         shuffle_seed = seed * 1_000_003 + phase_index * 10_007 + epochs_done
+        if in_memory:
+            return _in_memory_batches(x_train, y_train, batch_size, shuffle_seed)
         return (train_reader.as_tf_dataset(shuffle=True, seed=shuffle_seed)
                 .batch(batch_size, drop_remainder=True).repeat().prefetch(tf.data.AUTOTUNE))
 
     def build():
-        return build_model(config["n_features"], config["n_classes"], width, blocks, seed=seed)
+        return build_model(config["n_features"], config["n_classes"], recipe.width, recipe.blocks,
+                           l2=recipe.l2, seed=seed)
 
-    limits = (float(pre_limit_s), float(ft_limit_s))
     try:
-        model = run_phases(build, make_train_data, validation_data, run,
-                           steps_per_epoch=steps_per_epoch, max_epochs=max_epochs,
-                           limits=limits, verbose=verbose)
+        model = run_phases(build, make_train_data, validation_data, run, recipe=recipe,
+                           verbose=verbose)
     except BaseException:
         print(f"effgen train: stopped early; the epochs done so far are kept in {run.path}: "
               "run again with --resume to continue", file=sys.stderr, flush=True)
         raise
 
-    history = make_history(run, limits, max_epochs, config, model.count_params())
+    history = make_history(run, recipe, config, model.count_params())
     history["features"] = list(train_reader.features)
     history["labels"] = list(train_reader.labels)
+    history["samples_per_s"] = round(sum(e["steps"] for p in history["phases"] for e in p["epochs"])
+                                     * batch_size / max(history["wall_s"], 1e-9), 1)
     # Provenance for `effgen export`: which tX.pkl made the training features, and which
     # model file this history belongs to.
     history["preprocessing_sha256"] = train_reader.preprocessing_sha256
@@ -461,8 +583,10 @@ def train(train_dir, validation_dir, output_model, *, batch_size, steps_per_epoc
         history["model_sha256"] = sha256_of(model_tmp)
         history_tmp.write_text(json.dumps(history, indent=1))
     run.clear()
-    print(f"effgen train: wrote {output_model} ({model.count_params():,} parameters, "
-          f"{history['wall_s']:.1f}s of training)", flush=True)
+    print(f"effgen train: wrote {output_model} (recipe {recipe.name} on {config['device']}, "
+          f"{model.count_params():,} "
+          f"parameters, {history['wall_s']:.1f}s of training, {history['samples_per_s']:,.0f} "
+          "samples/s)", flush=True)
     return history
 
 
@@ -473,23 +597,27 @@ def register(subparsers):
 
     paths = default_paths()
     p = subparsers.add_parser(
-        "train", help="train the efficiency model (two phases, resumable)",
+        "train", help="train the efficiency model by a recipe (resumable)",
         description=__doc__.split("\n\n")[0])
+    add_knob(p, "--recipe", "RECIPE", choices=sorted(RECIPES),
+             help="training recipe (effgen/training/recipes.py): "
+                  + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
     p.add_argument("--train-data", type=Path, default=paths["train"],
                    help="training shard directory (env TRAIN_DATA; default %(default)s)")
     p.add_argument("--validation-data", type=Path, default=paths["validation"],
                    help="validation shard directory (env VALIDATION_DATA; default %(default)s)")
     p.add_argument("--output", type=Path, default=paths["model"],
                    help="output model, .keras (env OUTPUT_MODEL; default %(default)s)")
+    # Unset: the recipe's value (CLI > environment > the recipe).
     add_knob(p, "--batch-size", "BATCH_SIZE")
     add_knob(p, "--steps-per-epoch", "STEPS_PER_EPOCH")
     add_knob(p, "--max-epochs", "MAX_EPOCHS")
-    add_knob(p, "--pre-limit", "PRE_TRAINING_TIME_LIMIT_SECONDS", "phase 1 seconds")
-    add_knob(p, "--ft-limit", "FINE_TUNING_TIME_LIMIT_SECONDS", "phase 2 seconds")
-    p.add_argument("--width", type=positive_int("--width"), default=128,
-                   help="hidden units (default %(default)s)")
-    p.add_argument("--blocks", type=positive_int("--blocks"), default=5,
-                   help="residual blocks (default %(default)s)")
+    add_knob(p, "--pre-limit", "PRE_TRAINING_TIME_LIMIT_SECONDS")
+    add_knob(p, "--ft-limit", "FINE_TUNING_TIME_LIMIT_SECONDS")
+    p.add_argument("--width", type=positive_int("--width"), default=None,
+                   help="hidden units (default: the recipe's, 128)")
+    p.add_argument("--blocks", type=positive_int("--blocks"), default=None,
+                   help="residual blocks (default: the recipe's, 5)")
     add_knob(p, "--seed", "SEED")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -507,6 +635,7 @@ def _main(args):
     return 0
 
 
+
 def _run_cli(args):
     # One train per output at a time; an interrupted run is discarded only when asked.
     with exclusive_lock(args.output.with_name(f".{args.output.name}.lock"), f"{args.output}"):
@@ -518,7 +647,8 @@ def _run_cli(args):
 
 
 def _train_from_args(args):
-    train(args.train_data, args.validation_data, args.output, batch_size=args.batch_size,
+    train(args.train_data, args.validation_data, args.output, recipe=args.recipe,
+          batch_size=args.batch_size,
           steps_per_epoch=args.steps_per_epoch, max_epochs=args.max_epochs,
           pre_limit_s=args.pre_limit, ft_limit_s=args.ft_limit, width=args.width,
           blocks=args.blocks, seed=args.seed, resume=args.resume)

@@ -7,6 +7,7 @@ into the output directory, each file atomically."""
 import base64
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,111 @@ def plot_calibration(pred, labels, truth, path):
     return _save(fig, path)
 
 
+# ---- fidelity: the network beside a gradient-boosted baseline (issue 14) ---------------
+# Scored against the truth_* columns only; without them (real data) the section is skipped.
+
+FIDELITY_TARGETS = {"mean_abs_diff_vs_truth": 0.01, "abs_mean_offset_vs_truth": 0.003,
+                    "log_loss_gap_pct": 1.0}
+
+
+def fidelity_metrics(pred, labels, truth):
+    """Per class mean |p - truth| and mean(p) - mean(truth); the log-loss gap to the
+    truth-optimal log-loss in percent; whether each target of issue 14 is met."""
+    pred = np.asarray(pred, dtype=np.float64)
+    label_index = labels.argmax(axis=1)
+    model_ll, truth_ll = log_loss(pred, label_index), log_loss(truth, label_index)
+    out = {"per_class": {}, "log_loss": model_ll, "log_loss_truth": truth_ll,
+           "log_loss_gap_pct": 100.0 * (model_ll - truth_ll) / truth_ll}
+    for c, name in enumerate(schema.LABELS):
+        out["per_class"][name] = {
+            "mean_abs_diff_vs_truth": float(np.mean(np.abs(pred[:, c] - truth[:, c]))),
+            "mean_offset_vs_truth": float(pred[:, c].mean() - truth[:, c].mean()),
+            "calibration_error_vs_truth": calibration(pred[:, c], truth[:, c])["ece"],
+        }
+    rows = out["per_class"].values()
+    out["meets"] = {
+        "mean_abs_diff_vs_truth": all(r["mean_abs_diff_vs_truth"] <= FIDELITY_TARGETS["mean_abs_diff_vs_truth"]
+                                      for r in rows),
+        "abs_mean_offset_vs_truth": all(abs(r["mean_offset_vs_truth"]) <= FIDELITY_TARGETS["abs_mean_offset_vs_truth"]
+                                        for r in rows),
+        "log_loss_gap_pct": out["log_loss_gap_pct"] <= FIDELITY_TARGETS["log_loss_gap_pct"],
+    }
+    return out
+
+
+def baseline_comparison(network, baseline, fit_info):
+    """metrics.json's "baseline" entry: both models' fidelity, the baseline's fit, and
+    whether the network is better per class and in log-loss."""
+    better = {name: network["per_class"][name]["mean_abs_diff_vs_truth"]
+              < baseline["per_class"][name]["mean_abs_diff_vs_truth"] for name in schema.LABELS}
+    better["log_loss"] = network["log_loss"] < baseline["log_loss"]
+    return {"targets": FIDELITY_TARGETS, "network": network, "baseline": baseline, "fit": fit_info,
+            "network_better": better,
+            "network_meets_all": all(network["meets"].values()) and all(better.values())}
+
+
+def plot_fidelity_calibration(pred, baseline_pred, truth, path):
+    """Per class: mean true probability against predicted probability, network and baseline."""
+    plt = _pyplot()
+    n_classes = truth.shape[1]
+    fig, axes = plt.subplots(1, n_classes, figsize=(4.2 * n_classes, 3.8))
+    for c, ax in enumerate(axes):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+        for name, p, style in (("network", pred, "o-"), ("gradient-boosted baseline", baseline_pred, "s--")):
+            cal = calibration(p[:, c], truth[:, c])
+            ok = cal["count"] > 0
+            ax.plot(cal["mean_pred"][ok], cal["mean_target"][ok], style, ms=3, label=name)
+        ax.set_title(schema.LABELS[c].replace("_", " "))
+        ax.set_xlabel("predicted probability")
+        ax.set_ylabel("mean true probability")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def run_baseline(train_dir, features, max_train_rows=None, seed=0):
+    """Fit the baseline on the training split; its probabilities on `features`' rows and
+    a description of the fit."""
+    from effgen.training.baseline import fit_baseline, load_training_rows
+
+    x_train, y_train = load_training_rows(train_dir, max_rows=max_train_rows)
+    fitted = fit_baseline(x_train, y_train, seed=seed)
+    start = time.monotonic()
+    pred = fitted.predict_proba(features)
+    info = fitted.describe() | {"predict_s": round(time.monotonic() - start, 3),
+                                "train_data": str(train_dir)}
+    return pred, info
+
+
+BASELINE_TEMPLATE = """<h2>Fidelity: network vs gradient-boosted baseline (against the true probabilities)</h2>
+<p>Baseline: scikit-learn HistGradientBoostingClassifier ({{ b.fit.max_leaf_nodes }} leaves, early stopping,
+{{ b.fit.n_iter }} iterations) fitted in {{ fmt(b.fit.fit_s) }} s on the {{ "{:,}".format(b.fit.train_rows) }} training rows
+the network was trained on, scored on the same rows as the network.
+Targets: mean |p &minus; truth| &le; {{ b.targets.mean_abs_diff_vs_truth }} and |mean p &minus; mean truth| &le;
+{{ b.targets.abs_mean_offset_vs_truth }} per class, log-loss within {{ b.targets.log_loss_gap_pct }} % of the truth-optimal,
+and better than the baseline. Network meets all: <b>{{ "yes" if b.network_meets_all else "no" }}</b>.</p>
+<table><tr><th rowspan="2">class</th><th colspan="2">mean |p &minus; truth|</th><th colspan="2">mean p &minus; mean truth</th><th colspan="2">calibration error vs truth</th></tr>
+<tr><th>network</th><th>baseline</th><th>network</th><th>baseline</th><th>network</th><th>baseline</th></tr>
+{% for name in b.network.per_class %}{% set n = b.network.per_class[name] %}{% set g = b.baseline.per_class[name] %}
+<tr><th>{{ name }}</th><td>{{ fmt(n.mean_abs_diff_vs_truth) }}</td><td>{{ fmt(g.mean_abs_diff_vs_truth) }}</td>
+<td>{{ fmt(n.mean_offset_vs_truth) }}</td><td>{{ fmt(g.mean_offset_vs_truth) }}</td>
+<td>{{ fmt(n.calibration_error_vs_truth) }}</td><td>{{ fmt(g.calibration_error_vs_truth) }}</td></tr>
+{% endfor %}</table>
+<table><tr><th></th><th>log-loss</th><th>truth-optimal</th><th>gap to truth-optimal</th></tr>
+<tr><th>network</th><td>{{ fmt(b.network.log_loss) }}</td><td>{{ fmt(b.network.log_loss_truth) }}</td><td>{{ "%.3f" % b.network.log_loss_gap_pct }} %</td></tr>
+<tr><th>baseline</th><td>{{ fmt(b.baseline.log_loss) }}</td><td>{{ fmt(b.baseline.log_loss_truth) }}</td><td>{{ "%.3f" % b.baseline.log_loss_gap_pct }} %</td></tr></table>
+"""
+
+
+def render_baseline_html(metrics):
+    import jinja2
+
+    if "baseline" not in metrics:
+        return ""
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(BASELINE_TEMPLATE).render(b=metrics["baseline"], fmt=_fmt)
+
+
 # ---- the report ------------------------------------------------------------------------
 
 REPORT_TEMPLATE = """<!DOCTYPE html>
@@ -256,6 +362,7 @@ th{background:#eee}img{max-width:100%}.note{background:#fff3cd;padding:6px}</sty
 <p>Probability sums: max |&Sigma;p &minus; 1| = {{ fmt(m.probability_sum_max_abs_error) }};
 rows whose float32 p<sub>0</sub>+p<sub>1</sub>+p<sub>2</sub> exceeds 1 (would abort a Lamarr step): {{ m.rows_first3_sum_above_1_float32 }}.
 {% if "preprocessing_max_abs_diff" in m %}Pickled preprocessing vs stored features: max |tX(raw) &minus; feature| = {{ fmt(m.preprocessing_max_abs_diff) }}.{% endif %}</p>
+{{ baseline_html }}
 {% for title, uri in images %}<h2>{{ title }}</h2><img src="{{ uri }}" alt="{{ title }}">
 {% endfor %}</body></html>
 """
@@ -271,6 +378,7 @@ def _fmt(value):
 
 def write_report(metrics, images, path, model, data):
     import jinja2
+    import markupsafe
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     uris = [(title, "data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode())
@@ -278,7 +386,8 @@ def write_report(metrics, images, path, model, data):
     class_keys = sorted({k for row in metrics["per_class"].values() for k in row})
     html = env.from_string(REPORT_TEMPLATE).render(
         m=metrics, images=uris, model=str(model), data=str(data), fmt=_fmt,
-        class_keys=class_keys, outputs=schema.OUTPUTS)
+        class_keys=class_keys, outputs=schema.OUTPUTS,
+        baseline_html=markupsafe.Markup(render_baseline_html(metrics)))
     with atomic_file(path, "w") as f:
         f.write(html)
     return path
@@ -323,11 +432,13 @@ def strict_json(value):
 
 
 def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing_path=None,
-             batch_size=65536) -> dict:
+             batch_size=65536, baseline_train_dir=None) -> dict:
     """Score `model_path` on up to `max_rows` rows of the shards in `data_dir`; write the
     plots, report.html and metrics.json into `output_dir`; return the metrics. With
     `preprocessing_path`, also check that the pickled transformer maps the raw columns
-    onto the stored features."""
+    onto the stored features. With `baseline_train_dir` (the network's training split)
+    and truth columns, fit the gradient-boosted baseline there and score it beside the
+    network."""
     from effgen.data.reader import FeatherReader
     from effgen.provenance import load_keras_model
 
@@ -386,6 +497,12 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
             labels, output_dir / "z_by_momentum.png", log_y=True)),
         ("Calibration", plot_calibration(pred, labels, truth, output_dir / "calibration.png")),
     ]
+    if baseline_train_dir is not None and truth is not None:
+        baseline_pred, fit_info = run_baseline(baseline_train_dir, features)
+        metrics["baseline"] = baseline_comparison(fidelity_metrics(pred, labels, truth),
+                                                  fidelity_metrics(baseline_pred, labels, truth), fit_info)
+        images.append(("Calibration against the truth: network and baseline", plot_fidelity_calibration(
+            pred, baseline_pred, truth, output_dir / "calibration_vs_baseline.png")))
     metrics["plots"] = [p.name for _, p in images]
     metrics = strict_json(metrics)
     with atomic_file(output_dir / "metrics.json", "w") as f:
@@ -411,6 +528,10 @@ def register(subparsers):
     p.add_argument("--output-dir", type=Path, default=paths["validation_report"],
                    help="default %(default)s")
     p.add_argument("--max-rows", type=int, default=1_000_000, help="default %(default)s")
+    p.add_argument("--baseline-train-data", type=Path, default=None,
+                   help="the network's training split: fit the gradient-boosted baseline there and "
+                        f"compare (default {paths['train']} if it exists and the data have truth columns)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the gradient-boosted baseline")
     p.set_defaults(func=_main)
 
 
@@ -422,9 +543,14 @@ def _main(args):
         from effgen.provenance import vouched_default
 
         preprocessing = vouched_default(default_paths()["preprocessing"], args.model)
+    baseline_train = None
+    if not args.no_baseline:
+        baseline_train = args.baseline_train_data
+        if baseline_train is None and default_paths()["train"].exists():
+            baseline_train = default_paths()["train"]
     try:
         m = validate(args.model, args.data, args.output_dir, max_rows=args.max_rows,
-                     preprocessing_path=preprocessing)
+                     preprocessing_path=preprocessing, baseline_train_dir=baseline_train)
     except (FileNotFoundError, ValueError) as err:  # DataError, PreprocessingError too
         raise EffgenError(str(err)) from err
     ll = m["log_loss"]
@@ -434,4 +560,13 @@ def _main(args):
     if "truth" not in ll:
         print("effgen validate: truth scores need truth columns (truth_*); the report scores "
               "the model against the labels only")
+    if "baseline" in m:
+        b = m["baseline"]
+        for who in ("network", "baseline"):
+            f = b[who]
+            print(f"effgen validate: {who}: mean |p - truth| "
+                  + " / ".join(f"{r['mean_abs_diff_vs_truth']:.4f}" for r in f["per_class"].values())
+                  + "; mean offset " + " / ".join(f"{r['mean_offset_vs_truth']:+.4f}" for r in f["per_class"].values())
+                  + f"; log-loss gap {f['log_loss_gap_pct']:.2f} %")
+        print(f"effgen validate: network meets every fidelity target: {b['network_meets_all']}")
     return 0
