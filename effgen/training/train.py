@@ -601,7 +601,7 @@ def register(subparsers):
         description=__doc__.split("\n\n")[0])
     add_knob(p, "--recipe", "RECIPE", choices=sorted(RECIPES),
              help="training recipe (effgen/training/recipes.py): "
-                  + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
+                  + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()).replace("%", "%%"))
     p.add_argument("--train-data", type=Path, default=paths["train"],
                    help="training shard directory (env TRAIN_DATA; default %(default)s)")
     p.add_argument("--validation-data", type=Path, default=paths["validation"],
