@@ -365,3 +365,24 @@ def test_cli_defaults(monkeypatch, tmp_path):
     parser = argparse.ArgumentParser()
     preprocess.register(parser.add_subparsers())
     assert parser.parse_args(["preprocess"]).input == ["a.root b.root"]
+
+
+def test_bottom_k_and_argsort_stable_match_plain_numpy():
+    """BottomK's buffered merges keep the k lowest priorities whatever the offers'
+    sizes; argsort_stable is np.argsort(kind="stable"), ties included."""
+    from effgen.data import split
+
+    rng = np.random.default_rng(5)
+    pri = rng.integers(0, 2**64 - 1, 40_000, dtype=np.uint64)
+    rows = rng.random((40_000, 3)).astype(np.float32)
+    expected = rows[np.argsort(pri, kind="stable")]
+    for k in (1, 7, 999, 39_999, 40_000, 10**6):
+        bk = split.BottomK(k, 3)
+        cuts = np.sort(rng.integers(0, 40_000, 30))
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, 40_000]):
+            bk.offer(pri[lo:hi], rows[lo:hi])
+        np.testing.assert_array_equal(bk.sample(), expected[:k])
+        assert len(bk.priority) == min(k, 40_000)
+    tied = rng.integers(0, 50, 10_000).astype(np.uint64)
+    np.testing.assert_array_equal(split.argsort_stable(tied), np.argsort(tied, kind="stable"))
+    np.testing.assert_array_equal(split.argsort_stable(pri), np.argsort(pri, kind="stable"))

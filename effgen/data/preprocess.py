@@ -323,7 +323,7 @@ def _spill_chunk(spill, d, row_ids, h, n_buckets):
 def _shard_table(scratch: pa.Table, ct, truth: bool) -> pa.Table:
     """One shard from one scratch file: rows ordered by their hash, features transformed."""
     # Rows with equal hashes (duplicate keys) keep their input order: stable sort.
-    order = np.argsort(scratch.column(ORDER).to_numpy(), kind="stable")
+    order = rowsplit.argsort_stable(scratch.column(ORDER).to_numpy())
     scratch = scratch.take(pa.array(order))
     raw = np.stack([scratch.column(c).to_numpy() for c in RAW]).T  # column-major (n, 12)
     pre = transform(ct, raw)
