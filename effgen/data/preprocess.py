@@ -363,7 +363,6 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
     total = sum(s.num_entries for s in sources)
     if total == 0:
         raise DataError(f"the inputs hold no entries: {[str(s.path) for s in sources]}")
-    importer = _import_in_background()
     has_truth = all(c in sources[0].optional for c in schema.TRUTH)
     key = KEY + KEY_WITH if all(c in sources[0].optional for c in KEY) else REQUIRED
     n_buckets = _bucket_counts(total, shard_rows)
@@ -385,7 +384,6 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
             if empty:
                 raise DataError(f"too few rows ({counts.kept}) to split: split(s) {empty} would be "
                                 f"empty; {counts.summary()}")
-            importer.join()
             ct = fit_preprocessing(fit_sample.sample(), seed)
             report = {"inputs": [str(s.path) for s in sources], "tree": tree, "seed": seed,
                       "split_key": key, "rows": rows, "fit_rows": int(len(fit_sample.priority)),
@@ -397,28 +395,6 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
             output_dir.rmdir()  # made for the scratch files only: leave nothing behind
         raise
     return {**out_dirs, "preprocessing": preprocessing_path, "rows": rows, "counts": counts}
-
-
-def _import_in_background():
-    """Import what the fit and pass 2 need (scikit-learn, scipy.special, and pandas, which
-    pyarrow pulls in at its first array: seconds of a 2M-row run) on a thread, while pass
-    1 reads: the module imports overlap the reading's GIL-free work. Started once uproot
-    is in (no import of this thread's can then wait on one of the main thread's). A
-    failed import is left to fail again, with its real error, where it is used."""
-    import threading
-
-    def work():
-        try:
-            import pandas  # noqa: F401
-            import scipy.special  # noqa: F401
-            import sklearn.compose  # noqa: F401
-            import sklearn.preprocessing  # noqa: F401
-        except Exception:  # noqa: BLE001
-            pass
-
-    thread = threading.Thread(target=work, name="effgen-preprocess-imports", daemon=True)
-    thread.start()
-    return thread
 
 
 def _spill_pass(sources, spill, key, seed, n_buckets, max_fit_rows, step_size, bar):
