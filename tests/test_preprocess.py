@@ -154,6 +154,44 @@ def test_fit_is_the_plain_column_transformer_fit_and_transform_is_bit_exact():
     np.testing.assert_array_equal(preprocess.transform(ours, probe), expected)
 
 
+def test_fast_interpolation_is_np_interp_bit_for_bit():
+    """preprocess._Interp (a table lookup instead of np.interp's binary search) returns
+    np.interp's float64 bits for float32 inputs: on the knots, next to them, on either
+    side of the range, at +-0, denormals and extremes, for knots of either sign and of
+    very different scales."""
+    rng = np.random.default_rng(3)
+    refs = np.linspace(0, 1, 1000)
+    knot_sets = [np.sort(rng.normal(size=1000)), np.sort(rng.lognormal(0, 4, size=1000)),
+                 np.sort(-rng.lognormal(0, 4, size=1000)),
+                 np.sort(np.r_[rng.normal(0, 1e-6, 500), rng.normal(0, 100, 500)]),
+                 np.unique(rng.integers(0, 2000, 1500))[:1000] + 0.5]
+    for q in knot_sets:
+        q = q.astype(np.float64)
+        f = preprocess._Interp(q, refs[:len(q)])
+        assert f.ok
+        k32 = q.astype(np.float32)
+        probe = np.concatenate([
+            k32, np.nextafter(k32, np.float32(np.inf)), np.nextafter(k32, -np.float32(np.inf)),
+            np.float32([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 3.4e38, -3.4e38]),
+            rng.uniform(q[0] - 1, q[-1] + 1, 50_000).astype(np.float32),
+            rng.choice(k32, 50_000)]).astype(np.float32)
+        x = probe.astype(np.float64)
+        np.testing.assert_array_equal(f(probe, x).view(np.int64),
+                                      np.interp(x, q, refs[:len(q)]).view(np.int64))
+    assert not preprocess._Interp(np.array([0.0, 1.0, 1.0, 2.0]), refs[:4]).ok  # repeated knots
+
+
+def test_transform_of_a_large_block_is_bit_exact():
+    """Blocks large enough for transform's column threads and fast interpolation."""
+    from support import raw_features
+
+    X = raw_features(60_000, 8)
+    ct = preprocess.fit_preprocessing(X, 3)
+    expected = ct.transform(X.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(preprocess.transform(ct, X), expected)
+    np.testing.assert_array_equal(preprocess.transform(ct, X), expected)  # cached interpolators
+
+
 @pytest.fixture
 def small_sample(tmp_path):
     path = tmp_path / "small.root"
@@ -327,3 +365,24 @@ def test_cli_defaults(monkeypatch, tmp_path):
     parser = argparse.ArgumentParser()
     preprocess.register(parser.add_subparsers())
     assert parser.parse_args(["preprocess"]).input == ["a.root b.root"]
+
+
+def test_bottom_k_and_argsort_stable_match_plain_numpy():
+    """BottomK's buffered merges keep the k lowest priorities whatever the offers'
+    sizes; argsort_stable is np.argsort(kind="stable"), ties included."""
+    from effgen.data import split
+
+    rng = np.random.default_rng(5)
+    pri = rng.integers(0, 2**64 - 1, 40_000, dtype=np.uint64)
+    rows = rng.random((40_000, 3)).astype(np.float32)
+    expected = rows[np.argsort(pri, kind="stable")]
+    for k in (1, 7, 999, 39_999, 40_000, 10**6):
+        bk = split.BottomK(k, 3)
+        cuts = np.sort(rng.integers(0, 40_000, 30))
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, 40_000]):
+            bk.offer(pri[lo:hi], rows[lo:hi])
+        np.testing.assert_array_equal(bk.sample(), expected[:k])
+        assert len(bk.priority) == min(k, 40_000)
+    tied = rng.integers(0, 50, 10_000).astype(np.uint64)
+    np.testing.assert_array_equal(split.argsort_stable(tied), np.argsort(tied, kind="stable"))
+    np.testing.assert_array_equal(split.argsort_stable(pri), np.argsort(pri, kind="stable"))

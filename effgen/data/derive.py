@@ -96,6 +96,8 @@ def _bad_values(chunk, counts, file, first_entry):
     for name in [c for c in REQUIRED + OPTIONAL if c in chunk]:
         v = np.asarray(chunk[name])
         if v.dtype.kind == "f":
+            if np.isfinite(v).all():  # the usual case: nothing to note or mask
+                continue
             bad = ~np.isfinite(v)
             counts.note_bad(file, f"branch '{name}' has {{count}} non-finite values", bad, first_entry,
                             lambda i, v=v: v[i])

@@ -74,29 +74,56 @@ def assign_bucket(h: np.ndarray, n_buckets: int) -> np.ndarray:
     return (stream(h, BUCKET) % np.uint64(n_buckets)).astype(np.int64)
 
 
+def argsort_stable(keys: np.ndarray) -> np.ndarray:
+    """np.argsort(keys, kind="stable"), faster for keys that are (as hashes almost always
+    are) all distinct: then every sort gives that one permutation, and the default sort
+    is the quicker one; with ties, the stable sort itself."""
+    order = np.argsort(keys)
+    ranked = keys[order]
+    if len(ranked) > 1 and bool((ranked[1:] == ranked[:-1]).any()):
+        return np.argsort(keys, kind="stable")
+    return order
+
+
 class BottomK:
     """The k rows of lowest priority seen so far (a seeded uniform subsample that does
-    not depend on the order or chunking of the rows offered)."""
+    not depend on the order or chunking of the rows offered).
+
+    Offered rows that can still make it (below the k-th lowest priority kept at the last
+    merge) wait in a buffer, merged into the kept rows once it holds k rows, and by
+    `sample`: a merge per k candidates rather than per offer."""
 
     def __init__(self, k: int, width: int, dtype=np.float32):
         self.k = k
         self.priority = np.empty(0, dtype=np.uint64)
         self.rows = np.empty((0, width), dtype=dtype)
+        self._pending, self._pending_rows, self._threshold = [], 0, None
 
     def offer(self, priority: np.ndarray, rows: np.ndarray):
-        if len(self.priority) >= self.k:  # full: only rows below the current k-th can enter
-            take = priority < self.priority.max()
+        if self._threshold is not None:  # full: only rows below the k-th kept can enter
+            take = priority < self._threshold
             priority, rows = priority[take], rows[take]
         if len(priority) == 0:
             return
-        pri = np.concatenate([self.priority, priority])
-        all_rows = np.concatenate([self.rows, rows])
+        self._pending.append((priority, np.asarray(rows)))
+        self._pending_rows += len(priority)
+        if self._pending_rows >= self.k:
+            self._merge()
+
+    def _merge(self):
+        if not self._pending:
+            return
+        pri = np.concatenate([self.priority] + [p for p, _ in self._pending])
+        all_rows = np.concatenate([self.rows] + [r for _, r in self._pending])
+        self._pending, self._pending_rows = [], 0
         if len(pri) > self.k:
             keep = np.argpartition(pri, self.k - 1)[: self.k]
             pri, all_rows = pri[keep], all_rows[keep]
         self.priority, self.rows = pri, all_rows
+        if len(pri) >= self.k:
+            self._threshold = pri.max()
 
     def sample(self) -> np.ndarray:
         """The kept rows in priority order (so the result is independent of arrival order)."""
-        order = np.argsort(self.priority, kind="stable")
-        return self.rows[order]
+        self._merge()
+        return self.rows[argsort_stable(self.priority)]
