@@ -522,7 +522,7 @@ def register(subparsers):
     p.add_argument("--model", type=Path, default=paths["model"], help="default %(default)s")
     p.add_argument("--preprocessing", type=Path, default=None,
                    help="pickled transformer, checked against the shards' raw columns "
-                        f"(default {paths['preprocessing']} if it exists)")
+                        f"(default {paths['preprocessing']}, only if the model's history.json records it)")
     p.add_argument("--data", type=Path, default=paths["validation"],
                    help="shard directory with raw_* extras; truth_* optional (default %(default)s)")
     p.add_argument("--output-dir", type=Path, default=paths["validation_report"],
