@@ -210,25 +210,30 @@ def plot_binned_stacks(var, var_label, var_bins, p_gev, pred, labels, path, log_
     return _save(fig, path)
 
 
-def plot_calibration(pred, labels, truth, path):
+def _calibration_figure(series, n_classes, ylabel, path):
+    """One panel per class; in each, one curve per (label, pred, target, style) of
+    `series`: mean target against mean predicted probability, per bin of the prediction."""
     plt = _pyplot()
-    n_classes = labels.shape[1]
     fig, axes = plt.subplots(1, n_classes, figsize=(4.2 * n_classes, 3.8))
     for c, ax in enumerate(axes):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
-        cal = calibration(pred[:, c], labels[:, c])
-        ok = cal["count"] > 0
-        ax.plot(cal["mean_pred"][ok], cal["mean_target"][ok], "o-", ms=3, label="observed frequency")
-        if truth is not None:
-            cal_t = calibration(pred[:, c], truth[:, c])
-            ax.plot(cal_t["mean_pred"][ok], cal_t["mean_target"][ok], "s--", ms=3,
-                    label="mean true probability")
+        for label, pred, target, style in series:
+            cal = calibration(pred[:, c], target[:, c])
+            ok = cal["count"] > 0
+            ax.plot(cal["mean_pred"][ok], cal["mean_target"][ok], style, ms=3, label=label)
         ax.set_title(schema.LABELS[c].replace("_", " "))
         ax.set_xlabel("predicted probability")
-        ax.set_ylabel("frequency / truth")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_calibration(pred, labels, truth, path):
+    series = [("observed frequency", pred, labels, "o-")]
+    if truth is not None:
+        series.append(("mean true probability", pred, truth, "s--"))
+    return _calibration_figure(series, labels.shape[1], "frequency / truth", path)
 
 
 # ---- fidelity: the network beside a gradient-boosted baseline (issue 14) ---------------
@@ -276,21 +281,8 @@ def baseline_comparison(network, baseline, fit_info):
 
 def plot_fidelity_calibration(pred, baseline_pred, truth, path):
     """Per class: mean true probability against predicted probability, network and baseline."""
-    plt = _pyplot()
-    n_classes = truth.shape[1]
-    fig, axes = plt.subplots(1, n_classes, figsize=(4.2 * n_classes, 3.8))
-    for c, ax in enumerate(axes):
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
-        for name, p, style in (("network", pred, "o-"), ("gradient-boosted baseline", baseline_pred, "s--")):
-            cal = calibration(p[:, c], truth[:, c])
-            ok = cal["count"] > 0
-            ax.plot(cal["mean_pred"][ok], cal["mean_target"][ok], style, ms=3, label=name)
-        ax.set_title(schema.LABELS[c].replace("_", " "))
-        ax.set_xlabel("predicted probability")
-        ax.set_ylabel("mean true probability")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    series = [("network", pred, truth, "o-"), ("gradient-boosted baseline", baseline_pred, truth, "s--")]
+    return _calibration_figure(series, truth.shape[1], "mean true probability", path)
 
 
 def run_baseline(train_dir, features, max_train_rows=None, seed=0):
