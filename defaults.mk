@@ -28,6 +28,8 @@ MAX_EPOCHS ?=
 PRE_TRAINING_TIME_LIMIT_SECONDS ?=
 # last phase's time limit (a one-phase recipe's only limit)
 FINE_TUNING_TIME_LIMIT_SECONDS ?=
+# acceptance model's training time limit in make's main job (its recipe's last phase)
+ACCEPTANCE_TIME_LIMIT_SECONDS ?= 60
 # code generator: effgen, or scikinc (the reference route)
 BACKEND ?= effgen
 # exported function name of the library

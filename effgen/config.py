@@ -53,6 +53,9 @@ _KNOBS = (
     Knob("PRE_TRAINING_TIME_LIMIT_SECONDS", None, "float", "first phase's time limit", minimum=0),
     Knob("FINE_TUNING_TIME_LIMIT_SECONDS", None, "float",
          "last phase's time limit (a one-phase recipe's only limit)", minimum=0),
+    Knob("ACCEPTANCE_TIME_LIMIT_SECONDS", 60, "float",
+         "acceptance model's training time limit in make's main job (its recipe's last phase)",
+         minimum=0),
     # export and the library build.
     Knob("BACKEND", "effgen", "str", "code generator: effgen, or scikinc (the reference route)"),
     Knob("SYMBOL", "efficiency", "str", "exported function name of the library"),
@@ -189,6 +192,7 @@ def default_paths() -> dict:
         "test": value("TEST_DATA"),
         "validation": value("VALIDATION_DATA"),
         "model": value("OUTPUT_MODEL"),
+        "acceptance_model": w / "acceptance" / "model.keras",
         "preprocessing": value("OUTPUT_PREPROCESSING"),
         "validation_report": w / "validation",
         "lamarr": w / "lamarr",

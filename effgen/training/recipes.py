@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 OPTIMIZERS = ("rmsprop", "adam", "adamw")
+LOSSES = ("categorical", "binary")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -32,12 +33,15 @@ class Phase:
     final_lr_fraction: float = 0.0  # the cosine's floor, as a fraction of the peak
     weight_decay: float = 0.0     # AdamW's decoupled decay
     max_epochs: int | None = None  # None: the recipe's max_epochs
+    loss: str = "categorical"     # cross-entropy over a softmax, or "binary" (one sigmoid)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"phase {self.name}: optimizer {self.optimizer!r} not in {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"phase {self.name}: schedule {self.schedule!r} not in {SCHEDULES}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"phase {self.name}: loss {self.loss!r} not in {LOSSES}")
 
     def learning_rate_at(self, progress: float) -> float:
         """The rate at `progress` in [0, 1] of the phase (clamped outside)."""
@@ -126,3 +130,38 @@ def get_recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
+
+
+# ---- the acceptance model's recipes (`effgen train --target acceptance`) ----------------
+# Same names as the efficiency's, so `--recipe` means the same thing for both targets.
+
+ACCEPTANCE_SEED = Recipe(
+    name="seed",
+    summary="the notebook's two phases with binary cross-entropy (smoothing 0.01, then 0), "
+            "as LHCb trains the acceptance; 10 residual blocks",
+    l2=1e-3, batch_size=100_000, steps_per_epoch=50, max_epochs=100, validation_rows=None,
+    blocks=10,
+    phases=(
+        Phase("pretraining", "rmsprop", 1e-2, label_smoothing=0.01, patience=3, time_limit_s=60,
+              loss="binary"),
+        Phase("finetuning", "rmsprop", 1e-3, label_smoothing=0.0, patience=5, time_limit_s=600,
+              loss="binary"),
+    ),
+)
+
+ACCEPTANCE_DEFAULT = Recipe(
+    name="default",
+    summary="Adam 3e-3, 3% warm-up then cosine to 1% over 30 x 200 steps or 60 s, whichever "
+            "comes first; batch 1024; epochs validated on 50k fixed rows, best epoch kept",
+    # The main job gives acceptance about a minute (ACCEPTANCE_TIME_LIMIT_SECONDS): the
+    # time limit binds, so the schedule anneals by the clock. Short epochs keep the best-
+    # epoch choice fine-grained; 50k validation rows cost about a second per epoch.
+    l2=0.0, batch_size=1024, steps_per_epoch=200, max_epochs=30, validation_rows=50_000,
+    in_memory=True, blocks=10,
+    phases=(
+        Phase("training", "adam", 3e-3, label_smoothing=0.0, patience=None, time_limit_s=60,
+              schedule="cosine", warmup_fraction=0.03, final_lr_fraction=0.01, loss="binary"),
+    ),
+)
+
+ACCEPTANCE_RECIPES = {r.name: r for r in (ACCEPTANCE_DEFAULT, ACCEPTANCE_SEED)}

@@ -253,7 +253,9 @@ def make_optimizer(phase, learning_rate=None):
 
 def _compile(model, phase):
     import keras
-    model.compile(loss=keras.losses.CategoricalCrossentropy(label_smoothing=phase.label_smoothing),
+    losses = {"categorical": keras.losses.CategoricalCrossentropy,
+              "binary": keras.losses.BinaryCrossentropy}
+    model.compile(loss=losses[phase.loss](label_smoothing=phase.label_smoothing),
                   optimizer=make_optimizer(phase, phase.learning_rate_at(0.0)))
 
 
@@ -449,10 +451,31 @@ def _in_memory_batches(features, labels, batch_size, seed):
             .map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(2))
 
 
-def resolve_recipe(recipe, **overrides) -> Recipe:
-    """A recipe (or its name) with the given values (None: the recipe's) put in."""
+TARGETS = ("efficiency", "acceptance")
+
+
+def _target_parts(target):
+    """(reader class, model builder, recipes) of a training target: the efficiency
+    classifier, or the acceptance model (effgen/training/acceptance.py)."""
+    if target == "efficiency":
+        from effgen.data.reader import FeatherReader
+        from effgen.training.network import build_model
+        return FeatherReader, build_model, RECIPES
+    if target == "acceptance":
+        from effgen.training.acceptance import AcceptanceReader, build_acceptance_model
+        from effgen.training.recipes import ACCEPTANCE_RECIPES
+        return AcceptanceReader, build_acceptance_model, ACCEPTANCE_RECIPES
+    raise ValueError(f"unknown training target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+def resolve_recipe(recipe, target="efficiency", **overrides) -> Recipe:
+    """A recipe (or its name, among the target's recipes) with the given values (None:
+    the recipe's) put in."""
     if isinstance(recipe, str):
-        recipe = get_recipe(recipe)
+        recipes = _target_parts(target)[2]
+        recipe = get_recipe(recipe) if recipes is RECIPES else recipes.get(recipe)
+        if recipe is None:
+            raise ValueError(f"unknown {target} recipe; choose one of {', '.join(recipes)}")
     recipe = recipe.with_overrides(**overrides)
     for name in ("batch_size", "steps_per_epoch", "max_epochs", "width", "blocks"):
         if int(getattr(recipe, name)) < 1:
@@ -467,22 +490,24 @@ def resolve_recipe(recipe, **overrides) -> Recipe:
 
 def train(train_dir, validation_dir, output_model, *, recipe="default", batch_size=None,
           steps_per_epoch=None, max_epochs=None, pre_limit_s=None, ft_limit_s=None, width=None,
-          blocks=None, seed=0, resume=False, verbose=2) -> dict:
+          blocks=None, seed=0, resume=False, verbose=2, target="efficiency",
+          test_dir=None) -> dict:
     """Train by `recipe` (a Recipe or its name; the other keywords, when not None,
     override its values) on the shards in `train_dir`, validating on `validation_dir`;
     write `output_model` (.keras), history.json and loss.png beside it, and return the
-    history. `pre_limit_s` is the first phase's time limit, `ft_limit_s` the last's."""
+    history. `pre_limit_s` is the first phase's time limit, `ft_limit_s` the last's.
+    `target` "acceptance" trains the acceptance model on the same shards (label: their
+    `acceptance` column) and, given `test_dir`, writes its short check (acceptance.json)."""
     output_model = Path(output_model)
     if output_model.suffix != ".keras":
         raise ValueError(f"output model {output_model} must end in .keras (Keras requires it)")
-    recipe = resolve_recipe(recipe, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+    recipe = resolve_recipe(recipe, target, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
                             max_epochs=max_epochs, pre_limit_s=pre_limit_s, ft_limit_s=ft_limit_s,
                             width=width, blocks=blocks)
     batch_size = recipe.batch_size
 
-    from effgen.data.reader import FeatherReader
-
-    train_reader, val_reader = FeatherReader(train_dir), FeatherReader(validation_dir)
+    reader_class, build_network, _ = _target_parts(target)
+    train_reader, val_reader = reader_class(train_dir), reader_class(validation_dir)
     if (list(train_reader.features), list(train_reader.labels)) != \
             (list(val_reader.features), list(val_reader.labels)):
         raise ValueError(f"{train_dir} and {validation_dir} name different features/labels")
@@ -497,7 +522,7 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
         raise ValueError(f"{train_dir} has {train_reader.n_rows} rows, fewer than one batch "
                          f"of {batch_size}: lower --batch-size")
 
-    config = {"recipe": recipe.name, "width": recipe.width, "blocks": recipe.blocks,
+    config = {"target": target, "recipe": recipe.name, "width": recipe.width, "blocks": recipe.blocks,
               "batch_size": batch_size, "steps_per_epoch": recipe.steps_per_epoch, "seed": seed,
               "n_features": len(train_reader.features), "n_classes": len(train_reader.labels),
               "train_rows": train_reader.n_rows, "validation_rows": val_reader.n_rows}
@@ -506,7 +531,7 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
     for ph in recipe_key["phases"]:
         del ph["time_limit_s"], ph["max_epochs"]
     del recipe_key["max_epochs"]
-    fingerprint = {"config": {k: config[k] for k in ("width", "blocks", "batch_size",
+    fingerprint = {"config": {k: config[k] for k in ("target", "width", "blocks", "batch_size",
                                                      "steps_per_epoch", "seed")},
                    "recipe": recipe_key,
                    "train": _data_fingerprint(train_reader),
@@ -514,8 +539,6 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
 
     import keras
     import tensorflow as tf
-
-    from effgen.training.network import build_model
 
     run = RunDir(checkpoint_dir(output_model), fingerprint, recipe.phases)
     if resume:
@@ -554,8 +577,8 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
                 .batch(batch_size, drop_remainder=True).repeat().prefetch(tf.data.AUTOTUNE))
 
     def build():
-        return build_model(config["n_features"], config["n_classes"], recipe.width, recipe.blocks,
-                           l2=recipe.l2, seed=seed)
+        return build_network(config["n_features"], config["n_classes"], recipe.width, recipe.blocks,
+                             l2=recipe.l2, seed=seed)
 
     try:
         model = run_phases(build, make_train_data, validation_data, run, recipe=recipe,
@@ -583,7 +606,11 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
         history["model_sha256"] = sha256_of(model_tmp)
         history_tmp.write_text(json.dumps(history, indent=1))
     run.clear()
-    print(f"effgen train: wrote {output_model} (recipe {recipe.name} on {config['device']}, "
+    if target == "acceptance" and test_dir is not None:
+        from effgen.training.acceptance import check_on_test_split
+        history["acceptance_check"] = check_on_test_split(
+            model, test_dir, output_model.with_name("acceptance.json"))
+    print(f"effgen train: wrote {output_model} ({target}, recipe {recipe.name} on {config['device']}, "
           f"{model.count_params():,} "
           f"parameters, {history['wall_s']:.1f}s of training, {history['samples_per_s']:,.0f} "
           "samples/s)", flush=True)
@@ -599,6 +626,10 @@ def register(subparsers):
     p = subparsers.add_parser(
         "train", help="train the efficiency model by a recipe (resumable)",
         description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", choices=TARGETS, default="efficiency",
+                   help="which model: the efficiency classifier, or the acceptance model "
+                        "(binary, the shards' `acceptance` column; its own recipes of the same "
+                        "names; default output <workdir>/acceptance/model.keras)")
     add_knob(p, "--recipe", "RECIPE", choices=sorted(RECIPES),
              help="training recipe (effgen/training/recipes.py): "
                   + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()).replace("%", "%%"))
@@ -606,8 +637,12 @@ def register(subparsers):
                    help="training shard directory (env TRAIN_DATA; default %(default)s)")
     p.add_argument("--validation-data", type=Path, default=paths["validation"],
                    help="validation shard directory (env VALIDATION_DATA; default %(default)s)")
-    p.add_argument("--output", type=Path, default=paths["model"],
-                   help="output model, .keras (env OUTPUT_MODEL; default %(default)s)")
+    p.add_argument("--output", type=Path, default=None,
+                   help=f"output model, .keras (env OUTPUT_MODEL; default {paths['model']}; "
+                        f"with --target acceptance {paths['acceptance_model']})")
+    p.add_argument("--test-data", type=Path, default=None,
+                   help="--target acceptance: score the model on this split after training "
+                        "(log-loss vs the prior, calibration) into acceptance.json beside it")
     # Unset: the recipe's value (CLI > environment > the recipe).
     add_knob(p, "--batch-size", "BATCH_SIZE")
     add_knob(p, "--steps-per-epoch", "STEPS_PER_EPOCH")
@@ -637,6 +672,10 @@ def _main(args):
 
 
 def _run_cli(args):
+    if args.output is None:
+        from effgen.config import default_paths
+        paths = default_paths()
+        args.output = paths["acceptance_model" if args.target == "acceptance" else "model"]
     # One train per output at a time; an interrupted run is discarded only when asked.
     with exclusive_lock(args.output.with_name(f".{args.output.name}.lock"), f"{args.output}"):
         state = checkpoint_dir(args.output) / "state.json"
@@ -651,4 +690,5 @@ def _train_from_args(args):
           batch_size=args.batch_size,
           steps_per_epoch=args.steps_per_epoch, max_epochs=args.max_epochs,
           pre_limit_s=args.pre_limit, ft_limit_s=args.ft_limit, width=args.width,
-          blocks=args.blocks, seed=args.seed, resume=args.resume)
+          blocks=args.blocks, seed=args.seed, resume=args.resume, target=args.target,
+          test_dir=args.test_data)
