@@ -343,6 +343,11 @@ def register(subparsers):
     p.add_argument("--force", action="store_true", help="replace an existing --db file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int("--threads"), default=1)
+    p.add_argument("--chain", action="store_true",
+                   help="run the whole tracking chain (acceptance, efficiency, resolution, "
+                        "covariance and its post-processing) with --library exporting all four "
+                        "symbols (e.g. build/lamarr/tracking.so), checked exactly against direct "
+                        "calls (effgen/checks/chain.py); one connection")
     p.set_defaults(func=_main)
 
 
@@ -371,7 +376,11 @@ def _main(args):
 
     paths = default_paths()
     sample = Path(args.sample or paths["sample"])
-    db = Path(args.db or paths["lamarr"] / "lamarr.db")
+    db = Path(args.db or paths["lamarr"] / ("chain.db" if args.chain else "lamarr.db"))
+    if args.chain:
+        # Imported here: effgen.checks.chain builds on this module's queries and HepMC writer.
+        from effgen.checks import chain
+        return chain.cli_main(args, sample, db, force=args.force or args.db is None)
     # effgen's own default database is replaced freely; a file the user named is not.
     _check_before_running(args.library, args.symbol, sample, db, args.threads,
                           args.force or args.db is None)

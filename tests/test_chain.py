@@ -1,0 +1,171 @@
+"""The whole Lamarr tracking chain inside SQLamarr: acceptance -> efficiency -> (draws)
+-> closest approach -> resolution -> covariance -> covariance post-processing, with one
+library exporting the four symbols.
+
+A hand-written library with the chain's ABI (every output depends on its inputs and, for
+the generators, on the noise) checks the plumbing and that the exact check catches a
+noise that is not the one SQLamarr drew. The project's own tracking.so is checked the
+same way in test_chain_tracking_library (random-weight production-topology models)."""
+
+import subprocess
+
+import numpy as np
+import pyarrow.feather as feather
+import pytest
+
+from effgen import schema
+from effgen.checks import chain
+
+pytestmark = pytest.mark.lamarr
+
+MOCK_C = r"""
+#include <math.h>
+float *acceptance(float *out, const float *in)
+{
+    out[0] = 1.0f / (1.0f + expf(-(1.5f * (in[6] - 2.2f) + 0.1f * in[11] + 0.05f * in[3])));
+    return out;
+}
+float *efficiency(float *out, const float *in)
+{
+    float a = 0.8f * in[3] - 3.0f + 0.3f * in[8] - 0.2f * in[9] + 0.1f * in[10];
+    float b = 0.4f * in[6] - 1.0f + 1e-3f * in[2] + 2.0f * in[0] + 2.0f * in[1];
+    float c = 0.5f * in[11] + 3.0f * in[4] - 3.0f * in[5] + 0.1f * in[7];
+    float m = fmaxf(fmaxf(a, b), fmaxf(c, 0.0f));
+    float e0 = expf(-m), e1 = expf(a - m), e2 = expf(b - m), e3 = expf(c - m);
+    float s = e0 + e1 + e2 + e3;
+    out[0] = e0 / s; out[1] = e1 / s; out[2] = e2 / s;
+    out[3] = 1.0f - out[0] - out[1] - out[2];
+    if (out[3] < 0.0f) out[3] = 0.0f;
+    while (out[0] + 0.0f + 0.0f + out[1] + out[2] > 1.0f) out[0] = nextafterf(out[0], 0.0f);
+    return out;
+}
+/* Every output mixes inputs and noise, so a wrong input column or noise value shows. */
+float *resolution(float *out, const float *in, const float *rnd)
+{
+    for (int k = 0; k < 9; k++)
+        out[k] = 0.1f * in[k] + rnd[k] + 0.01f * rnd[127 - k] + 0.5f * in[9 + k % 3];
+    out[6] = expf(0.1f * rnd[6] + 0.01f * in[2]);
+    return out;
+}
+float *covariance(float *out, const float *in, const float *rnd)
+{
+    for (int i = 0; i < 5; i++) out[i] = 0.3f * rnd[i] - 2.0f + 0.01f * in[6 + i % 3] + 0.1f * in[i];
+    for (int k = 0; k < 10; k++) out[5 + k] = tanhf(0.5f * rnd[5 + k] + 0.01f * in[9 + k % 6]);
+    return out;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def mock_tracking(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mock_tracking")
+    (d / "mock.c").write_text(MOCK_C)
+    so = d / "tracking.so"
+    subprocess.run(["gcc", "-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-Werror",
+                    "-o", str(so), str(d / "mock.c"), "-lm"], check=True)
+    return so
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_dataset):
+    table = feather.read_table(tiny_dataset["features"], columns=schema.FEATURES + [schema.PID])
+    raw = np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
+    return raw[:4000], table.column(schema.PID).to_numpy().astype(np.int64)[:4000]
+
+
+@pytest.fixture(scope="module")
+def mock_chain(mock_tracking, rows, tmp_path_factory):
+    raw, pid = rows
+    d = tmp_path_factory.mktemp("mock_chain")
+    return chain.run_chain(mock_tracking, raw, d / "chain.db", pid=pid, seed=9, work_dir=d / "w")
+
+
+def test_chain_stores_exactly_what_the_library_computes(mock_chain, mock_tracking, rows):
+    raw, _ = rows
+    report = chain.check_chain(mock_chain, mock_tracking)
+    assert report["ok"], report
+    # Every step ran on a non-trivial share of the particles.
+    assert report["particles"] == report["selected"] == len(raw)
+    assert 0 < report["accepted"] < report["selected"]
+    assert 0 < report["reconstructed"] < report["accepted"]
+    assert report["resolution_rows"] == report["covariance_rows"] == report["reconstructed"]
+    assert report["covariance_matrix_rows"] == report["reconstructed"]
+    # The generators saw N(0, 1) noise, 128 values a row.
+    assert abs(report["noise_mean"]) < 0.02 and abs(report["noise_std"] - 1) < 0.02
+
+
+def test_only_accepted_particles_get_a_track_type_and_only_tracks_reach_the_generators(mock_chain):
+    types = mock_chain["tmp_particles_recoed_as"]
+    assert set(np.unique(types["track_type"])) <= {0, 3, 4, 5}
+    res_rows = set(mock_chain["resolution_out"]["row"])
+    assert res_rows == set(types.loc[types["track_type"].isin([3, 4, 5]), "row"])
+    # The generators' flags are the drawn track type, one-hot.
+    probe = mock_chain["probe_resolution"].merge(types, on=["row", "mcparticle_id"])
+    for col, t in (("in_9", 3), ("in_10", 4), ("in_11", 5)):
+        np.testing.assert_array_equal(probe[col].to_numpy(), (probe["track_type"] == t).astype(np.float32))
+
+
+def test_generator_inputs_are_the_closest_approach_and_the_resolution_outputs(mock_chain, rows):
+    raw, _ = rows
+    probe = mock_chain["probe_resolution"]
+    x = raw[probe["row"].to_numpy()]
+    idx = {n: i for i, n in enumerate(schema.FEATURES)}
+    feats = probe[[f"in_{i}" for i in range(12)]].to_numpy()
+    # tx, ty, log10 p and the particle flags are the particle's (float32 event store).
+    np.testing.assert_allclose(feats[:, 3:6], x[:, [idx["mc_tx"], idx["mc_ty"], idx["mc_log10_p"]]],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(feats[:, 6:9], x[:, [idx["mc_is_e"], idx["mc_is_mu"], idx["mc_is_h"]]])
+    # The closest approach to the beam: (x, y) is perpendicular to (tx, ty) there.
+    dot = feats[:, 0] * feats[:, 3] + feats[:, 1] * feats[:, 4]
+    assert np.abs(dot).max() < 1e-3
+    cov = mock_chain["probe_covariance"]
+    res = mock_chain["resolution_out"]
+    np.testing.assert_array_equal(cov[["in_6", "in_7", "in_8"]].to_numpy(),
+                                  res[["chi2PerDoF", "nDoF_f", "ghostProb"]].to_numpy().astype(np.float32))
+
+
+def test_covariance_matrix_is_the_sql_post_processing(mock_chain):
+    out = mock_chain["covariance_out"][chain.COVARIANCE_OUTPUTS].to_numpy()
+    m = mock_chain["covariance"][chain.COV_MATRIX].to_numpy()
+    sig = np.sqrt(np.exp(out[:, :5].astype(np.float64)))
+    np.testing.assert_allclose(m[:, chain.COV_MATRIX.index("cov00")], sig[:, 0] ** 2, rtol=1e-14)
+    np.testing.assert_allclose(m[:, chain.COV_MATRIX.index("cov13")],
+                               out[:, chain.COVARIANCE_OUTPUTS.index("corr_ClosestToBeam_1_3")]
+                               * sig[:, 1] * sig[:, 3], rtol=1e-14)
+
+
+def test_the_check_catches_noise_other_than_sqlamarrs(mock_chain, mock_tracking):
+    """Replace the probed noise by another N(0, 1) draw: the exact check must fail for
+    the generators (and only for them)."""
+    tables = dict(mock_chain)
+    probe = tables["probe_resolution"].copy()
+    cols = [f"rnd_{k}" for k in range(chain.N_RANDOM)]
+    probe[cols] = np.random.default_rng(0).normal(size=(len(probe), len(cols))).astype(np.float32)
+    tables["probe_resolution"] = probe
+    report = chain.check_chain(tables, mock_tracking)
+    assert not report["ok"]
+    assert report["resolution_mismatched_rows"] == report["resolution_rows"]
+    assert report["acceptance_mismatched_rows"] == report["covariance_mismatched_rows"] == 0
+
+
+def test_a_library_without_the_four_symbols_is_refused_before_sqlamarr(rows, tmp_path):
+    d = tmp_path
+    (d / "only.c").write_text("float *efficiency(float *o, const float *i) { (void)i; return o; }\n")
+    so = d / "only.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(so), str(d / "only.c")], check=True)
+    with pytest.raises(chain.LamarrError, match="does not export acceptance, resolution, covariance"):
+        chain.run_chain(so, rows[0][:10], d / "x.db")
+    assert not (d / "x.db").exists()
+
+
+def test_cli_chain_mode(mock_tracking, tiny_dataset, tmp_path):
+    import os
+    import sys
+
+    env = {**os.environ, "EFFGEN_WORKDIR": str(tmp_path / "w")}
+    proc = subprocess.run([sys.executable, "-m", "effgen", "lamarr", "--chain", "--library",
+                           str(mock_tracking), "--sample", str(tiny_dataset["features"]),
+                           "--rows", "1500", "--seed", "4"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "lamarr chain: OK" in proc.stdout
+    assert (tmp_path / "w" / "lamarr" / "chain.db").is_file()
