@@ -138,7 +138,7 @@ def fit_tX(name, n=20000, seed=0):
     n_real = 8 if name in ("acceptance", "efficiency") else n_features - len(FLAGS)
     ct = ColumnTransformer([
         ("quantile", QuantileTransformer(output_distribution="normal", n_quantiles=1000,
-                                   random_state=seed),
+                                         random_state=seed),
          list(range(n_real))),
         ("flags", "passthrough", list(range(n_real, n_features)))])
     return ct.fit(features(name, n, seed))
