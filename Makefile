@@ -25,17 +25,24 @@ _unsafe = $(or $(filter-out 1,$(words $(1))),$(call _strip_safe,$(1),$(SAFE_CHAR
 PATH_VARS := W OUTPUT_MODEL OUTPUT_PREPROCESSING TRAIN_DATA VALIDATION_DATA TEST_DATA SYMBOL BACKEND
 $(foreach v,$(PATH_VARS),$(if $(call _unsafe,$($(v))),$(error effgen: $(v)='$($(v))' is empty or holds a space or a shell character; use letters, digits and ._-+/@ only)))
 $(foreach d,/ . .. ./ ../,$(if $(filter $(d),$(W)),$(error effgen: W=$(W) would put the work directory over something else; choose a directory of its own)))
+# Trained generators for tracking.so, optional (empty: the library holds acceptance and
+# efficiency only).
+GENERATORS := RESOLUTION COVARIANCE
+$(foreach v,$(GENERATORS),$(if $($(v)),$(if $(call _unsafe,$($(v))),$(error effgen: $(v)='$($(v))' holds a space or a shell character; use letters, digits and ._-+/@ only))))
 
 # The main job writes its shards under $(W)/data (preprocess splits one sample there):
 # data directories pointing elsewhere are refused, not silently ignored. OUTPUT_MODEL
 # and OUTPUT_PREPROCESSING are honoured (train, validate, export use them).
-MAIN_GOALS := data train validate export lamarr-lib parity
+MAIN_GOALS := data train validate export lamarr-lib parity tracking
 _check_data = $(if $(filter-out $(abspath $(W)/data/$(2)),$(abspath $($(1)_DATA))),\
   $(error effgen: $(1)_DATA=$($(1)_DATA) is set, but the main job writes its $(2) shards to $(W)/data/$(2); unset it (or set W to its work directory), or run the effgen stages yourself))
 ifneq ($(filter $(MAIN_GOALS),$(MAKECMDGOALS)),)
 $(call _check_data,TRAIN,train)
 $(call _check_data,VALIDATION,validation)
 $(call _check_data,TEST,test)
+# A generator directory must hold what its export needs, said before hours of work.
+$(foreach v,$(GENERATORS),$(if $($(v)),$(foreach f,model.keras tX.pkl tY.pkl,$(if $(wildcard $($(v))/$(f)),,\
+  $(error effgen: $(v)=$($(v)) holds no $(f) (a generator directory holds model.keras, tX.pkl and tY.pkl))))))
 endif
 
 CFLAGS_LIB  = $(LIB_CFLAGS) $(ARCH_FLAGS) $(LIB_LDFLAGS)
@@ -53,8 +60,15 @@ REPORT      := $(W)/validation/metrics.json
 LAMARR      := $(W)/lamarr
 LIB         := $(LAMARR)/$(SYMBOL).so
 LIB_SRC     := $(LAMARR)/$(SYMBOL).c
+# The acceptance model (same shards, same tX.pkl) and the tracking library: acceptance,
+# efficiency and the generators given, exported from one spec into their own folder.
+ACC_MODEL   := $(W)/acceptance/model.keras
+TRACKING    := $(LAMARR)/tracking.so
+TRACKING_DIR := $(LAMARR)/tracking
+TRACKING_SPEC := $(TRACKING_DIR)/tracking.toml
+GEN_FILES   := $(foreach v,$(GENERATORS),$(if $($(v)),$(addprefix $($(v))/,model.keras tX.pkl tY.pkl)))
 
-.PHONY: setup test lamarr-lib data train validate export parity bench check-hard clean distclean FORCE
+.PHONY: setup test lamarr-lib data train validate export parity tracking bench check-hard clean distclean FORCE
 
 setup: $(STAMP)
 
@@ -124,9 +138,37 @@ $(LIB): $(LIB_SRC) $(FLAGS_STAMP)
 	$(CC) $(CFLAGS_LIB) -DEFFGEN_CFLAGS='"$(MANIFEST_FLAGS)"' -o $@.tmp.$$$$ $< -lm \
 	    && mv -f $@.tmp.$$$$ $@ || { rm -f $@.tmp.$$$$; exit 1; }
 
+# The acceptance model: same shards and tX.pkl as the efficiency, its own recipe of the
+# same name, its own time limit (the budget of the main job), checked on the test split.
+$(ACC_MODEL): $(TRAIN_DIR)/definitions.json $(TX)
+	$(EFFGEN) train --target acceptance --resume --recipe $(RECIPE) --train-data $(TRAIN_DIR) \
+	    --validation-data $(VAL_DIR) --test-data $(TEST_DIR) --output $@ --seed $(SEED) \
+	    --ft-limit $(ACCEPTANCE_TIME_LIMIT_SECONDS) \
+	    $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
+	    $(if $(STEPS_PER_EPOCH),--steps-per-epoch $(STEPS_PER_EPOCH)) \
+	    $(if $(MAX_EPOCHS),--max-epochs $(MAX_EPOCHS)) \
+	    $(if $(PRE_TRAINING_TIME_LIMIT_SECONDS),--pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS))
+
+# The spec lists the symbols of tracking.so; rewritten only when its text changes (a new
+# RESOLUTION or COVARIANCE, another model path), so that make sees what changed.
+_spec_entry = [[model]]\nsymbol = "$(1)"\nmodel = "$(abspath $(2))"\npreprocessing = "$(abspath $(3))"\n$(if $(4),postprocessing = "$(abspath $(4))"\n)
+SPEC_TEXT = $(call _spec_entry,acceptance,$(ACC_MODEL),$(TX))$(call _spec_entry,efficiency,$(MODEL),$(TX))$(if $(RESOLUTION),$(call _spec_entry,resolution,$(RESOLUTION)/model.keras,$(RESOLUTION)/tX.pkl,$(RESOLUTION)/tY.pkl))$(if $(COVARIANCE),$(call _spec_entry,covariance,$(COVARIANCE)/model.keras,$(COVARIANCE)/tX.pkl,$(COVARIANCE)/tY.pkl))
+$(TRACKING_SPEC): FORCE
+	@mkdir -p $(TRACKING_DIR)
+	@printf '$(SPEC_TEXT)' | cmp -s - $@ || printf '$(SPEC_TEXT)' > $@
+
+# Exported and compiled by `effgen export --spec --compile` (the library's flags, as
+# above), then copied beside efficiency.so under a per-run name and renamed.
+# ARCH_FLAGS reaches the export through the environment (no shell quoting of flags).
+$(TRACKING): export ARCH_FLAGS := $(ARCH_FLAGS)
+$(TRACKING): $(TRACKING_SPEC) $(ACC_MODEL) $(MODEL) $(TX) $(GEN_FILES) $(FLAGS_STAMP) $(BACKEND_STAMP)
+	$(EFFGEN) export --spec $(TRACKING_SPEC) --output-dir $(TRACKING_DIR) --compile \
+	    --backend $(BACKEND) --cc $(CC)
+	cp $(TRACKING_DIR)/tracking.so $@.tmp.$$$$ && mv -f $@.tmp.$$$$ $@ || { rm -f $@.tmp.$$$$; exit 1; }
+
 # The main-job targets hold a lock on the work directory: concurrent runs on one $(W)
 # queue instead of interleaving (the second then finds its outputs up to date).
-LOCKED := data train validate export lamarr-lib parity
+LOCKED := data train validate export lamarr-lib parity tracking
 LOCK   := $(W)/.effgen.lock
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 ifndef EFFGEN_HOLDS_LOCK
@@ -142,8 +184,9 @@ data: $(TRAIN_DIR)/definitions.json
 train: $(MODEL)
 validate: $(REPORT)
 export: $(LIB_SRC)
+tracking: $(TRACKING)
 
-lamarr-lib: $(REPORT) $(LIB)
+lamarr-lib: $(REPORT) $(LIB) $(TRACKING)
 	$(EFFGEN) describe $(LIB) --model $(MODEL) --preprocessing $(TX) --validation $(VAL_DIR)
 
 parity: $(LIB)

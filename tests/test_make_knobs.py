@@ -71,12 +71,26 @@ def test_library_flags_of_make_parity_and_bench_agree():
 def test_make_passes_every_knob_to_every_stage(tmp_path):
     work = tmp_path / "w"
     knobs = ["N_PARTICLES=1234", "SEED=77", "RECIPE=seed", "BATCH_SIZE=99", "STEPS_PER_EPOCH=5", "MAX_EPOCHS=3",
-             "PRE_TRAINING_TIME_LIMIT_SECONDS=11", "FINE_TUNING_TIME_LIMIT_SECONDS=22"]
+             "PRE_TRAINING_TIME_LIMIT_SECONDS=11", "FINE_TUNING_TIME_LIMIT_SECONDS=22",
+             "ACCEPTANCE_TIME_LIMIT_SECONDS=33"]
     proc = _make("-n", "lamarr-lib", f"W={work}", *knobs)
     assert proc.returncode == 0, proc.stderr
-    lines = {stage: line for line in proc.stdout.replace("\\\n", " ").splitlines()
+    all_lines = proc.stdout.replace("\\\n", " ").splitlines()
+    # The acceptance model and tracking.so have their own lines (checked below).
+    tracking = [line for line in all_lines if "--target acceptance" in line or "--spec" in line]
+    lines = {stage: line for line in all_lines if line not in tracking
              for stage in ("synth", "preprocess", "train", "validate", "export", "describe")
              if f"effgen {stage}" in line}
+    acceptance = " ".join(next(line for line in tracking if "--target acceptance" in line).split())
+    for flag in ("--batch-size 99", "--steps-per-epoch 5", "--max-epochs 3", "--pre-limit 11",
+                 "--ft-limit 33", "--seed 77", "--recipe seed", f"--output {work}/acceptance/model.keras",
+                 f"--train-data {work}/data/train", f"--validation-data {work}/data/validation",
+                 f"--test-data {work}/data/test"):
+        assert flag in acceptance, acceptance
+    assert "--ft-limit 22" not in acceptance
+    spec = " ".join(next(line for line in tracking if "--spec" in line).split())
+    assert f"--spec {work}/lamarr/tracking/tracking.toml --output-dir {work}/lamarr/tracking --compile" in spec
+    assert "--backend effgen --cc gcc" in spec
     assert "--n 1234" in lines["synth"] and "--seed 77" in lines["synth"]
     assert "--seed 77" in lines["preprocess"]
     train = " ".join(lines["train"].split())
@@ -92,7 +106,8 @@ def test_make_passes_every_knob_to_every_stage(tmp_path):
 def test_unset_training_knobs_leave_the_recipe_its_values(tmp_path):
     proc = _make("-n", "lamarr-lib", f"W={tmp_path / 'w'}")
     assert proc.returncode == 0, proc.stderr
-    train = [line for line in proc.stdout.replace("\\\n", " ").splitlines() if "effgen train" in line][0]
+    train = [line for line in proc.stdout.replace("\\\n", " ").splitlines()
+             if "effgen train" in line and "--target acceptance" not in line][0]
     assert "--recipe default" in train
     for flag in ("--batch-size", "--steps-per-epoch", "--max-epochs", "--pre-limit", "--ft-limit"):
         assert flag not in train, train
@@ -213,3 +228,62 @@ def test_library_is_linked_with_full_relro(staged_work):
     lib, _ = _build(staged_work)
     out = subprocess.run(["readelf", "-d", "-l", str(lib)], capture_output=True, text=True).stdout
     assert "GNU_RELRO" in out and "BIND_NOW" in out
+
+
+# ---- tracking.so: the spec make writes ------------------------------------------------
+
+def _generator_dir(path, files=("model.keras", "tX.pkl", "tY.pkl")):
+    path.mkdir(parents=True)
+    for name in files:
+        (path / name).write_text("")
+    return path
+
+
+def test_tracking_spec_lists_acceptance_efficiency_and_the_generators_given(tmp_path):
+    import tomllib
+
+    work = tmp_path / "w"
+    res, cov = _generator_dir(tmp_path / "res"), _generator_dir(tmp_path / "cov")
+    spec = work / "lamarr" / "tracking" / "tracking.toml"
+    proc = _make(f"W={work}", str(spec))
+    assert proc.returncode == 0, proc.stderr
+    models = tomllib.loads(spec.read_text())["model"]
+    assert [m["symbol"] for m in models] == ["acceptance", "efficiency"]
+    assert models[0] == {"symbol": "acceptance", "model": f"{work}/acceptance/model.keras",
+                         "preprocessing": f"{work}/model/tX.pkl"}
+    assert models[1]["model"] == f"{work}/model/model.keras" and "postprocessing" not in models[1]
+
+    proc = _make(f"W={work}", f"RESOLUTION={res}", f"COVARIANCE={cov}", str(spec))
+    assert proc.returncode == 0, proc.stderr
+    models = tomllib.loads(spec.read_text())["model"]
+    assert [m["symbol"] for m in models] == ["acceptance", "efficiency", "resolution", "covariance"]
+    for m, d in zip(models[2:], (res, cov)):
+        assert m == {"symbol": m["symbol"], "model": f"{d}/model.keras", "preprocessing": f"{d}/tX.pkl",
+                     "postprocessing": f"{d}/tY.pkl"}
+    # Unchanged text: the file is left alone (its mtime drives the library's rebuild).
+    before = spec.stat().st_mtime_ns
+    time.sleep(0.05)
+    assert _make(f"W={work}", f"RESOLUTION={res}", f"COVARIANCE={cov}", str(spec)).returncode == 0
+    assert spec.stat().st_mtime_ns == before
+
+
+def test_lamarr_lib_dry_run_exports_the_generators_given(tmp_path):
+    work = tmp_path / "w"
+    res, cov = _generator_dir(tmp_path / "res"), _generator_dir(tmp_path / "cov")
+    proc = _make("-n", "lamarr-lib", f"W={work}", f"RESOLUTION={res}", f"COVARIANCE={cov}")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.replace("\\\n", " ")
+    assert f'model = "{res}/model.keras"' in out.replace("\\n", "\n")
+    assert f"export --spec {work}/lamarr/tracking/tracking.toml" in " ".join(out.split())
+    assert f"{work}/lamarr/tracking.so" in out
+
+
+@pytest.mark.parametrize("missing", ["model.keras", "tY.pkl"])
+def test_a_generator_directory_without_its_files_stops_make_clearly(tmp_path, missing):
+    files = [f for f in ("model.keras", "tX.pkl", "tY.pkl") if f != missing]
+    res = _generator_dir(tmp_path / "res", files)
+    proc = _make("-n", "lamarr-lib", f"W={tmp_path / 'w'}", f"RESOLUTION={res}")
+    assert proc.returncode != 0
+    assert f"RESOLUTION={res} holds no {missing}" in proc.stderr
+    bad = _make("-n", "lamarr-lib", f"W={tmp_path / 'w'}", "COVARIANCE=a;b")
+    assert bad.returncode != 0 and "COVARIANCE='a;b' holds a space or a shell character" in bad.stderr

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.make, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_KNOBS = ["N_PARTICLES=20000", "BATCH_SIZE=512", "PRE_TRAINING_TIME_LIMIT_SECONDS=2",
-              "FINE_TUNING_TIME_LIMIT_SECONDS=2"]
+              "FINE_TUNING_TIME_LIMIT_SECONDS=2", "ACCEPTANCE_TIME_LIMIT_SECONDS=2"]
 
 
 def _env():
@@ -45,7 +45,8 @@ def _paths(work):
     w = Path(work)
     return {"sample": w / "data" / "sample.root", "model": w / "model" / "model.keras",
             "tx": w / "model" / "tX.pkl", "lib": w / "lamarr" / "efficiency.so",
-            "src": w / "lamarr" / "efficiency.c", "lamarr": w / "lamarr"}
+            "src": w / "lamarr" / "efficiency.c", "lamarr": w / "lamarr",
+            "acceptance": w / "acceptance" / "model.keras", "tracking": w / "lamarr" / "tracking.so"}
 
 
 def _tf_reference(paths, rows):
@@ -85,7 +86,8 @@ def test_concurrent_runs_both_succeed_and_the_work_is_done_once(concurrent_runs)
     # Each stage ran once: the queued run found the other's outputs up to date.
     for stage in ("bin/effgen synth --n", "bin/effgen preprocess --input",
                   "bin/effgen train --resume", "bin/effgen validate",
-                  "bin/effgen export --model", "-o " + str(_paths(work)["lib"])):
+                  "bin/effgen export --model", "-o " + str(_paths(work)["lib"]),
+                  "bin/effgen train --target acceptance", "bin/effgen export --spec"):
         assert logs.count(stage) == 1, (stage, logs[-3000:])
     assert logs.count("bin/effgen describe") == 2
     assert "waiting for the other run" in logs
@@ -103,6 +105,36 @@ def test_concurrent_runs_leave_one_consistent_library(concurrent_runs):
     rows = _raw_rows(paths)
     np.testing.assert_allclose(lib.batch(rows), _tf_reference(paths, rows), atol=1e-5, rtol=0)
     assert [p.name for p in paths["lamarr"].iterdir() if ".tmp" in p.name] == []
+
+
+def test_tracking_library_holds_acceptance_and_efficiency(concurrent_runs):
+    import ctypes
+
+    import keras
+
+    from effgen.codegen.native import exported_symbols
+    from effgen.codegen.preprocessing_ir import load_preprocessing
+
+    work, _ = concurrent_runs
+    paths = _paths(work)
+    exported = exported_symbols(paths["tracking"])
+    assert {"acceptance", "efficiency"} <= set(exported)
+    assert not {"resolution", "covariance"} & set(exported)  # none given
+    rows = _raw_rows(paths, 500)
+    # Its efficiency is efficiency.so's model; its acceptance the trained acceptance model.
+    np.testing.assert_allclose(Library(paths["tracking"]).batch(rows), Library(paths["lib"]).batch(rows),
+                               atol=1e-6, rtol=0)
+    fn = ctypes.CDLL(str(paths["tracking"])).acceptance
+    fptr = ctypes.POINTER(ctypes.c_float)
+    fn.argtypes, fn.restype = [fptr, fptr], fptr
+    got = np.zeros((len(rows), 1), np.float32)
+    x = np.ascontiguousarray(rows, np.float32)
+    for i in range(len(rows)):
+        fn(got[i].ctypes.data_as(fptr), x[i].ctypes.data_as(fptr))
+    pre = load_preprocessing(paths["tx"]).transform(rows.astype(np.float64)).astype(np.float32)
+    want = keras.saving.load_model(paths["acceptance"], compile=False).predict(pre, verbose=0)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert (paths["acceptance"].parent / "acceptance.json").is_file()
 
 
 def _load(lib_path, tmp_path):
