@@ -13,6 +13,11 @@ Sections (select with --sections):
            (effgen.bench.data).
   preprocess  rows per second and peak memory of `effgen preprocess` from a ROOT tuple to
            shards vs the notebook's in-memory design (effgen.bench.data).
+  chain    Lamarr's tracking chain: microseconds per call of each symbol of one tracking
+           library (acceptance, efficiency, resolution, covariance) and per reconstructed
+           track (the four calls), effgen's library against the scikinC route built from
+           the same RANDOM-weight production-topology models (effgen.checks.
+           production_models) in the same run, through c_harness/chain_timing.c.
 
 The machine is shared and noisy, so every number is the median of `repeats` runs made
 in this process, the cases of a section interleaved round by round (a load spike hits
@@ -41,7 +46,7 @@ from effgen.config import shipped_dir
 from effgen.errors import ConfigError
 from effgen.provenance import vouched_default
 
-SECTIONS = ("codegen", "calls", "lamarr", "reader", "preprocess")
+SECTIONS = ("codegen", "calls", "lamarr", "reader", "preprocess", "chain")
 BACKENDS = ("effgen", "scikinc")
 HARNESS = shipped_dir("c_harness", "timing.c") / "timing.c"
 
@@ -64,13 +69,14 @@ class Sizes:
     width: int = 128              # synthetic model (seed architecture by default)
     blocks: int = 5
     fit_rows: int = 20_000        # synthetic rows the synthetic model's preprocessing sees
+    chain_rows: int = 2_000       # particles per chain_timing run (scikinC: ~1 ms per track)
 
 
 DEFAULT = Sizes()
 QUICK = Sizes(repeats=2, build_repeats=1, reader_repeats=2, rows=300, tf_batch=500,
               ort_call_rows=100, reader_sample_rows=4_000, reader_batch=500, reader_original_rows=1_000,
               preprocess_rows=20_000,
-              width=16, blocks=1, fit_rows=2_000)
+              width=16, blocks=1, fit_rows=2_000, chain_rows=50)
 
 
 # ---- statistics and table rows -------------------------------------------------------
@@ -467,6 +473,115 @@ def preprocess_section(out_dir, sizes: Sizes, seed) -> list:
             + add_ratios(memory, memory[-1]["name"], higher_is_better=False))
 
 
+# ---- the tracking chain --------------------------------------------------------------
+CHAIN_SYMBOLS = ("acceptance", "efficiency", "resolution", "covariance")
+CHAIN_HARNESS = shipped_dir("c_harness", "chain_timing.c") / "chain_timing.c"
+
+
+def chain_models(out_dir, seed) -> dict:
+    """The four RANDOM-weight production-topology models with fitted tX/tY, one folder
+    each ({symbol: folder}), as `make lamarr-lib RESOLUTION=... COVARIANCE=...` takes them."""
+    from effgen.checks import production_models
+
+    return {name: production_models.write_model_dir(name, Path(out_dir) / name, seed=seed)
+            for name in CHAIN_SYMBOLS}
+
+
+def chain_spec(model_dirs, path) -> Path:
+    lines = []
+    for symbol, d in model_dirs.items():
+        lines += ["[[model]]", f'symbol = "{symbol}"', f'model = "{d / "model.keras"}"',
+                  f'preprocessing = "{d / "tX.pkl"}"']
+        if (d / "tY.pkl").is_file():
+            lines.append(f'postprocessing = "{d / "tY.pkl"}"')
+    with atomic_file(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return Path(path)
+
+
+def build_chain_library(backend, spec, out_dir) -> dict:
+    """tracking.so of `backend` from the spec (effgen export --spec --compile)."""
+    from effgen.codegen.spec import export_spec
+
+    t0 = time.perf_counter()
+    result = export_spec(spec, Path(out_dir) / backend, backend=backend, compile=True)
+    return {"so": Path(result["library"]), "build_s": time.perf_counter() - t0}
+
+
+def chain_inputs(out_dir, rows, seed) -> list:
+    """features.f32 (efficiency/acceptance inputs), resolution.f32 (resolution inputs; the
+    covariance's are made from them and the resolution's outputs), noise.f32 (2 x 128
+    N(0, 1) per row), in the production models' plausible ranges."""
+    from effgen.checks import production_models
+
+    rng = np.random.default_rng(seed)
+    arrays = {"features": production_models.features("efficiency", rows, seed),
+              "resolution": production_models.features("resolution", rows, seed + 1),
+              "noise": rng.standard_normal((rows, 2 * production_models.N_RANDOM)).astype(np.float32)}
+    paths = []
+    for name, a in arrays.items():
+        path = Path(out_dir) / f"{name}.f32"
+        with atomic_file(path) as f:
+            f.write(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+        paths.append(path)
+    return paths
+
+
+def chain_harness_case(exe, so, mode, rows, inputs):
+    cmd = [str(exe), str(so), mode, str(rows), "1", *map(str, inputs)]
+
+    def once():
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return float(proc.stdout.split()[0])
+    return once
+
+
+def chain_section(out_dir, sizes: Sizes, seed) -> tuple:
+    """Per-call cost of each symbol and per-track cost of the chain, effgen's tracking.so
+    against the scikinC route's, built from the same models in this run; each row's ratio
+    is against the scikinC row of the same case (the speed-up)."""
+    out_dir = Path(out_dir)
+    model_dirs = chain_models(out_dir / "models", seed)
+    spec = chain_spec(model_dirs, out_dir / "tracking.toml")
+    exe = out_dir / "chain_timing"
+    tmp = exe.with_name(f".chain_timing.{os.getpid()}.tmp")
+    cmd = ["gcc", "-std=c99", "-O2", "-Wall", "-Werror", "-o", str(tmp), str(CHAIN_HARNESS), "-ldl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling {CHAIN_HARNESS} failed:\n  {shlex.join(cmd)}\n{proc.stderr}")
+    os.replace(tmp, exe)
+    inputs = chain_inputs(out_dir, sizes.chain_rows, seed)
+    libs, failures = {}, {}
+    for backend in BACKENDS:
+        print(f"[bench] chain: export --spec --compile {backend}", flush=True)
+        try:
+            libs[backend] = build_chain_library(backend, spec, out_dir / "libs")
+        except Exception as err:  # reported in the table, not hidden
+            failures[f"chain ({backend})"] = f"building tracking.so failed: {type(err).__name__}: {err}"
+    cases, notes = {}, {}
+    for mode in CHAIN_SYMBOLS + ("chain",):
+        for backend, lib in libs.items():
+            what = "per reconstructed track" if mode == "chain" else "per call"
+            name = f"{backend}: {mode} {what}"
+            cases[name] = chain_harness_case(exe, lib["so"], mode, sizes.chain_rows, inputs)
+            notes[name] = (f"c_harness/chain_timing.c, {sizes.chain_rows:,} rows, one call per row"
+                           if mode != "chain" else
+                           "acceptance + efficiency + resolution + covariance, one call each")
+    values = interleaved(cases, sizes.repeats, "chain")
+    rows = [row(name, "us", v, notes[name]) for name, v in values.items()]
+    for r in rows:  # the speed-up over the scikinC route on the same case
+        base = next((x for x in rows if x["name"] == "scikinc: " + r["name"].split(": ", 1)[1]), None)
+        r["ratio"] = base["median"] / r["median"] if base else float("nan")
+    builds = [row(f"{backend}: tracking.so build", "s", [lib["build_s"]],
+                  "export --spec --compile of the four models (one build)") for backend, lib in libs.items()]
+    for r in builds:
+        base = libs.get("scikinc")
+        r["ratio"] = base["build_s"] / r["median"] if base else float("nan")
+    return rows + builds, failures
+
+
 # ---- the run -------------------------------------------------------------------------
 SECTION_TITLES = {
     "codegen": ("Code generation and compile", "effgen / scikinc (same step)"),
@@ -475,6 +590,8 @@ SECTION_TITLES = {
     "reader": ("Training-data reader", "speed-up over the original design (higher is faster)"),
     "preprocess": ("Preprocessing, ROOT tuple to shards (fresh process each)",
                    "times better than the notebook's in-memory design (speed, or memory)"),
+    "chain": ("Lamarr tracking chain: one tracking.so, RANDOM-weight production-topology models",
+              "speed-up over the scikinC route on the same case (higher is faster)"),
 }
 
 
@@ -492,7 +609,8 @@ def run_bench(*, output_dir, sections=SECTIONS, sizes: Sizes = DEFAULT, model_pa
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         if "lamarr" in sections:
             load_sqlamarr_before_tensorflow()
-        tf_threads = configure_tensorflow() if set(sections) & {"codegen", "calls", "lamarr"} else "unused"
+        tf_threads = (configure_tensorflow() if set(sections) & {"codegen", "calls", "lamarr", "chain"}
+                      else "unused")
         report = {"meta": {}, "sections": {}, "failures": {}}
         need_libs = [s for s in sections if s in ("codegen", "calls", "lamarr")]
         if need_libs:
@@ -525,6 +643,11 @@ def run_bench(*, output_dir, sections=SECTIONS, sizes: Sizes = DEFAULT, model_pa
         if "preprocess" in sections:
             print("[bench] preprocess: streaming preprocess vs the notebook's in-memory design", flush=True)
             report["sections"]["preprocess"] = preprocess_section(output_dir / "preprocess", sizes, seed)
+        if "chain" in sections:
+            print("[bench] chain: tracking.so per call and per track, effgen vs scikinC", flush=True)
+            rows, failures = chain_section(output_dir / "work" / "chain", sizes, seed)
+            report["sections"]["chain"] = rows
+            report["failures"].update(failures)
     finally:
         if previous is not None:
             os.sched_setaffinity(0, previous)
