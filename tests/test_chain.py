@@ -169,3 +169,21 @@ def test_cli_chain_mode(mock_tracking, tiny_dataset, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert "lamarr chain: OK" in proc.stdout
     assert (tmp_path / "w" / "lamarr" / "chain.db").is_file()
+
+
+def test_cli_chain_mode_reads_the_root_tuple(mock_tracking, tiny_dataset, tmp_path):
+    import os
+    import sys
+
+    env = {**os.environ, "EFFGEN_WORKDIR": str(tmp_path / "w")}
+    db = tmp_path / "c.db"
+    proc = subprocess.run([sys.executable, "-m", "effgen", "lamarr", "--chain", "--library",
+                           str(mock_tracking), "--sample", str(tiny_dataset["sample"]),
+                           "--rows", "800", "--db", str(db)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "lamarr chain: 800 particles" in proc.stdout and "lamarr chain: OK" in proc.stdout
+    # A database the user named is not replaced without --force.
+    again = subprocess.run([sys.executable, "-m", "effgen", "lamarr", "--chain", "--library",
+                            str(mock_tracking), "--sample", str(tiny_dataset["sample"]),
+                            "--rows", "800", "--db", str(db)], capture_output=True, text=True, env=env)
+    assert again.returncode == 1 and "exists: pass --force" in again.stderr

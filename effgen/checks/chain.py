@@ -399,23 +399,47 @@ def check_chain(tables, library, n_random=N_RANDOM) -> dict:
 
 # ---- `effgen lamarr --chain` -------------------------------------------------------------
 
-def cli_main(args, sample, db, force) -> int:
+def read_particles(sample, rows):
+    """(features, pid) of the first `rows` particles of a feather file (raw features and
+    mc_pid) or of an LHCb-schema ROOT tuple (TrackingTupler/sim, derived as preprocess
+    does: rows Lamarr never sends dropped)."""
+    sample = Path(sample)
+    if sample.suffix == ".root":
+        import uproot
+
+        from effgen.data.derive import REQUIRED, TREE, Counts, derive
+
+        try:
+            with uproot.open(sample) as f:
+                tup = f[TREE].arrays(REQUIRED, library="np", entry_stop=rows)
+        except Exception as err:  # uproot raises many kinds; one line names the file
+            raise LamarrError(f"{sample}: cannot read {TREE} ({type(err).__name__}: {err})") from err
+        counts = Counts()
+        d = derive(tup, counts, str(sample))
+        counts.raise_bad(str(sample))
+        return np.ascontiguousarray(np.asarray(d["features"]).T, dtype=np.float32), \
+            np.asarray(d["extra"][schema.PID], dtype=np.int64)
     import pyarrow as pa
     import pyarrow.feather as feather
 
+    try:
+        table = feather.read_table(sample, columns=list(schema.FEATURES) + [schema.PID])
+    except (pa.ArrowException, KeyError) as err:
+        raise LamarrError(f"{sample}: not a readable feather sample with the raw features "
+                          f"and {schema.PID}, nor a .root tuple ({err})") from err
+    table = table.slice(0, rows)
+    feats = np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
+    return feats, table.column(schema.PID).to_numpy().astype(np.int64)
+
+
+def cli_main(args, sample, db, force) -> int:
     check_library_symbols(args.library)
     if not Path(sample).is_file():
         raise LamarrError(f"sample {sample} does not exist (run `effgen synth` or give --sample)")
     if db.exists() and not force:
         raise LamarrError(f"{db} exists: pass --force to replace it")
-    try:
-        table = feather.read_table(sample, columns=list(schema.FEATURES) + [schema.PID])
-    except (pa.ArrowException, KeyError) as err:
-        raise LamarrError(f"{sample}: not a readable feather sample with the raw features "
-                          f"and {schema.PID} ({err})") from err
-    table = table.slice(0, args.rows)
-    feats = np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
-    tables = run_chain(args.library, feats, db, pid=table.column(schema.PID).to_numpy(), seed=args.seed)
+    feats, pid = read_particles(sample, args.rows)
+    tables = run_chain(args.library, feats, db, pid=pid, seed=args.seed)
     report = check_chain(tables, Path(args.library).resolve())
     print_report(report, args.library, db)
     return 0 if report["ok"] else 1
