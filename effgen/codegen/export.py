@@ -14,8 +14,12 @@ from effgen.codegen import backends
 from effgen.codegen.abi import library_manifest, render_abi
 from effgen.codegen.kinds import EFFICIENCY, ModelKind, io_names, kind_of
 from effgen.codegen.symbols import check_symbol
-from effgen.errors import ExportError  # noqa: F401 (re-exported)
-from effgen.errors import InputFileError, PreprocessingError, UnsupportedPreprocessingError
+from effgen.errors import (
+    ExportError,  # noqa: F401 (re-exported)
+    InputFileError,
+    PreprocessingError,
+    UnsupportedPreprocessingError,
+)
 from effgen.provenance import (
     check_contract,
     check_provenance,
@@ -249,7 +253,7 @@ def run(args) -> int:
         result = export_spec(args.spec, args.output_dir, backend=args.backend,
                              compile=args.compile, cc=args.cc, arch_flags=arch,
                              sklearn_dtype=args.sklearn_dtype, tanh=args.tanh)
-        for key, value in result.items():
+        for value in result.values():
             for p in (value.values() if isinstance(value, dict) else [value]):
                 print(p)
         return 0
