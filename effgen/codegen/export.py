@@ -17,13 +17,12 @@ from effgen.codegen.symbols import check_symbol
 from effgen.errors import (
     ExportError,  # noqa: F401 (re-exported)
     InputFileError,
-    PreprocessingError,
-    UnsupportedPreprocessingError,
 )
 from effgen.provenance import (
     check_contract,
     check_provenance,
     load_keras_model,
+    load_postprocessing,
     load_preprocessing,
     preprocessing_width,
     recorded_history,
@@ -51,30 +50,6 @@ class Prepared:
     kind: ModelKind
     core: backends.Core
     manifest: dict
-
-
-def load_postprocessing(path):
-    """A fitted output transform tY (tY.pkl) through the safe unpickler; errors name the file."""
-    from effgen.safe_pickle import UnsafePickleError, loads
-
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputFileError(f"output transform {path} does not exist") from None
-    except IsADirectoryError:
-        raise InputFileError(f"{path}: is a directory, not an output transform (tY.pkl)") from None
-    try:
-        ty = loads(data)
-    except UnsafePickleError as err:
-        raise UnsafePickleError(f"{path}: refused: {err}") from None
-    except Exception as err:  # unpickling can raise nearly anything
-        raise PreprocessingError(f"{path}: cannot unpickle the output transform "
-                                 f"(corrupt or not a pickle): {err!r}") from err
-    if not hasattr(ty, "inverse_transform"):
-        raise UnsupportedPreprocessingError(
-            f"{path}: the output transform is a {type(ty).__name__}, which has no inverse_transform")
-    return ty
 
 
 def prepare(model_path, preprocessing_path, *, postprocessing_path=None, backend="effgen",
@@ -146,10 +121,10 @@ def prepare(model_path, preprocessing_path, *, postprocessing_path=None, backend
         raise ExportError(f"backend {backend!r} does not generate {kind.name} models "
                           f"({model_path}; it generates {', '.join(plugin.kinds)})")
     if ty is not None:
-        n_ty = getattr(ty, "n_features_in_", None)
-        if n_ty is not None and int(n_ty) != chain.n_outputs:
-            raise ExportError(f"output transform {postprocessing_path} takes {n_ty} columns but "
-                              f"model {model_path} has {chain.n_outputs} outputs")
+        from effgen.codegen.postprocessing_ir import read_postprocessing
+
+        # every step must have an inverse in C and tY's width be the model's outputs
+        read_postprocessing(ty, chain.n_outputs, what=f"output transform {postprocessing_path}")
         hashes["postprocessing_sha256"] = sha256_of(postprocessing_path)
     elif kind.family == "generator":
         hashes["postprocessing_sha256"] = None
