@@ -1,9 +1,9 @@
 """What ties the artefacts of one run together: file hashes, the provenance record a
 trained model keeps beside it (history.json: the model's and the preprocessing's sha256,
 the feature and label names in the order the model was trained on), and the one way to
-load a preprocessing (tX.pkl).
+load a preprocessing (tX.pkl) and an output transform (tY.pkl).
 
-Trust: a tX.pkl is read through effgen.safe_pickle's allow-list, never plain pickle; when
+Trust: a tX.pkl or tY.pkl is read through effgen.safe_pickle's allow-list, never plain pickle; when
 the history of the model it goes with names a preprocessing, the file's sha256 is checked
 against it before a byte is unpickled."""
 
@@ -108,6 +108,29 @@ def trained_order(model_path, features=schema.FEATURES):
     return [list(features).index(f) for f in trained]
 
 
+def _read_bytes(path, what, missing_hint=""):
+    """The bytes of `path`; errors name the file and `what` it should be."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PreprocessingError(f"{path}: {what} file is missing{missing_hint}") from None
+    except IsADirectoryError:
+        raise PreprocessingError(f"{path}: is a directory, not a {what} file") from None
+    return data
+
+
+def _loads_file(path, data, what):
+    """Unpickle `data` (read from `path`) through the allow-list; errors name the file."""
+    try:
+        return loads(data)
+    except UnsafePickleError as err:
+        raise UnsafePickleError(f"{path}: refused: {err}") from None
+    except Exception as err:  # unpickling can raise nearly anything
+        raise PreprocessingError(f"{path}: cannot unpickle the {what} "
+                                 f"(corrupt or not a pickle): {err!r}") from err
+
+
 def load_preprocessing(path, n_features=None, *, model_path=None):
     """Load a fitted scikit-learn ColumnTransformer (tX.pkl) through the allow-list.
     Errors name the file. `n_features`, if given, is the number of raw inputs it must
@@ -116,25 +139,13 @@ def load_preprocessing(path, n_features=None, *, model_path=None):
     from sklearn.compose import ColumnTransformer
 
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise PreprocessingError(f"{path}: preprocessing file is missing "
-                                 "(run `effgen preprocess` first)") from None
-    except IsADirectoryError:
-        raise PreprocessingError(f"{path}: is a directory, not a preprocessing file") from None
+    data = _read_bytes(path, "preprocessing", " (run `effgen preprocess` first)")
     if model_path is not None:
         recorded = recorded_for_model(model_path)
         if recorded is not None:
             check_provenance(model_path, recorded["model_sha256"], path,
                              hashlib.sha256(data).hexdigest())
-    try:
-        ct = loads(data)
-    except UnsafePickleError as err:
-        raise UnsafePickleError(f"{path}: refused: {err}") from None
-    except Exception as err:  # unpickling can raise nearly anything
-        raise PreprocessingError(f"{path}: cannot unpickle the preprocessing "
-                                 f"(corrupt or not a pickle): {err!r}") from err
+    ct = _loads_file(path, data, "preprocessing")
     if not isinstance(ct, ColumnTransformer):
         raise PreprocessingError(f"{path}: expected a ColumnTransformer, got {type(ct).__name__}")
     if not hasattr(ct, "transformers_"):
@@ -143,6 +154,25 @@ def load_preprocessing(path, n_features=None, *, model_path=None):
         raise PreprocessingError(f"{path}: the ColumnTransformer takes "
                                  f"{getattr(ct, 'n_features_in_', '?')} inputs, expected {n_features}")
     return ct
+
+
+def load_postprocessing(path, *, sha256=None):
+    """Load a fitted output transform (tY.pkl: a QuantileTransformer, StandardScaler,
+    DecorrTransformer or a Pipeline of them) through the same allow-list as tX.pkl.
+    A tY.pkl pickled by LHCb's notebooks names `preprocessing_utils.DecorrTransformer`:
+    it is read as effgen's compatible class. With `sha256`, a file whose hash differs is
+    refused before it is unpickled. Errors name the file; which steps have a C inverse
+    is effgen.codegen.postprocessing_ir's business."""
+    path = Path(path)
+    data = _read_bytes(path, "postprocessing (tY)")
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ProvenanceError(f"{path}: sha256 {hashlib.sha256(data).hexdigest()} is not the "
+                              f"expected {sha256}")
+    obj = _loads_file(path, data, "postprocessing (tY)")
+    if not hasattr(obj, "inverse_transform"):
+        raise PreprocessingError(f"{path}: expected a fitted transformer with an "
+                                 f"inverse_transform, got {type(obj).__name__}")
+    return obj
 
 
 def preprocessing_width(ct) -> int:

@@ -76,8 +76,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return MAPPED[(module, name)]
         if (module, name) not in ALLOWED:
             raise UnsafePickleError(
-                f"the pickle names {module}.{name}, which effgen does not load "
-                "(only scikit-learn transformers, numpy arrays and effgen's own classes)")
+                f"the pickle names {module}.{name}, which effgen does not load (it reads "
+                "only scikit-learn's transformers and Pipeline, numpy arrays, and LHCb's "
+                "preprocessing_utils.DecorrTransformer as its own equivalent)")
         return super().find_class(module, name)
 
 

@@ -10,7 +10,7 @@ portable library uses AVX2/FMA where present (-DEFFGEN_NO_DISPATCH turns that of
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -18,7 +18,8 @@ from effgen import schema
 from effgen.codegen.abi import render_abi, template_env
 from effgen.codegen.backends import Backend, Core, Request, register
 from effgen.codegen.graph import Chain, Dense, Residual, Softmax
-from effgen.codegen.preprocessing_ir import PreprocessingIR, read_preprocessing
+from effgen.codegen.postprocessing_ir import BOUNDS_THRESHOLD, PostprocessingIR, read_postprocessing
+from effgen.codegen.preprocessing_ir import Output, PreprocessingIR, read_preprocessing
 
 TANH_IMPLS = ("fast", "libm")
 
@@ -251,14 +252,70 @@ def generate_core(chain: Chain, ir: PreprocessingIR, *, input_names=None, tanh="
 def _generate(request: Request) -> Core:
     options = request.options
     ir = read_preprocessing(request.preprocessing, options.get("sklearn_dtype", "float64"))
+    if request.kind.family == "generator":
+        return generate_generator_core(request.chain, ir, postprocessing=request.postprocessing,
+                                       input_names=list(request.kind.inputs),
+                                       output_names=list(request.kind.outputs),
+                                       tanh=options.get("tanh", "fast"))
     return generate_core(request.chain, ir, input_names=list(request.kind.inputs),
                          tanh=options.get("tanh", "fast"), n_outputs=request.kind.n_outputs)
 
 
 BACKEND = register(Backend(
-    name="effgen", generate=_generate,
+    name="effgen", generate=_generate, kinds=("efficiency", "sigmoid", "generator"),
     description="effgen's own C: exact QuantileTransformer, blocked dense kernels, "
                 "fast tanh, AVX2/AVX-512 dispatch"))
+
+
+# ---- generators: f(out, in, rnd) ---------------------------------------------------------
+
+def _with_noise(ir: PreprocessingIR, n_random: int) -> PreprocessingIR:
+    """The preprocessing of the joined row [in, rnd]: tX's outputs, then the noise
+    passed through unscaled (the model's Concatenate([features, noise]))."""
+    noise = [Output("passthrough", ir.n_inputs + k) for k in range(n_random)]
+    return replace(ir, n_inputs=ir.n_inputs + n_random, outputs=list(ir.outputs) + noise)
+
+
+def _generator_postprocessing(postprocessing, n_outputs, output_names=None) -> tuple:
+    """(code, tables, function, description) of the in-place inverse of the fitted output
+    transform tY (generate_postprocessing, below); tY None: an identity function."""
+    if postprocessing is None:
+        code = (f"\n/* No output transform: the network's {n_outputs} outputs are the physical values. */\n"
+                "static void effgen_post_postprocess(float *y)\n{\n    (void)y;\n}\n")
+        return code, "", "effgen_post_postprocess", None
+    ir = read_postprocessing(postprocessing, n_outputs)
+    post = generate_postprocessing(ir, prefix="effgen_post", output_names=output_names)
+    return "\n" + post.source, post.tables, post.function, post.description
+
+
+def generate_generator_core(chain: Chain, ir: PreprocessingIR, *, postprocessing=None,
+                            input_names=None, output_names=None, tanh="fast") -> Core:
+    """A generator's core: effgen's preprocessing and network (generate_core) over the
+    joined row [in, rnd], then tY's inverse; row_fn(out, in, rnd), batch_fn(out, in,
+    rnd, n) and network_fn(out, z) with z = [tX(in), rnd]."""
+    if not chain.n_random:
+        raise ValueError("generate_generator_core: the chain has no noise input")
+    if chain.n_features != ir.n_outputs:
+        raise ValueError(f"the network takes {chain.n_features} features but the preprocessing "
+                         f"produces {ir.n_outputs}")
+    names = list(input_names or [f"in{i}" for i in range(ir.n_inputs)])
+    names += [f"rnd[{k}]" for k in range(chain.n_random)]
+    base = generate_core(chain, _with_noise(ir, chain.n_random), input_names=names, tanh=tanh,
+                         n_outputs=chain.n_outputs)
+    post_code, post_tables, post_fn, post_description = _generator_postprocessing(
+        postprocessing, chain.n_outputs, output_names)
+    section = len(base.contents) + 1
+    wrapper = _env().get_template("effgen/generator.c.j2").render(
+        section=section, n_inputs=ir.n_inputs, n_random=chain.n_random,
+        n_outputs=chain.n_outputs, forward=base.row_fn, forward_batch=base.batch_fn,
+        postprocess=post_fn)
+    info = dict(base.info, postprocessing=post_description)
+    return replace(base, source=base.source + post_code + wrapper, row_fn="effgen_generate",
+                   batch_fn="effgen_generate_batch",
+                   tables=base.tables + ("\n" + post_tables if post_tables else ""),
+                   contents=base.contents + (f"2.{section} generator: tY inverse "
+                                             f"({post_fn}), effgen_generate, "
+                                             f"effgen_generate_batch",), info=info)
 
 
 def generate(chain: Chain, ir: PreprocessingIR, *, symbol="efficiency", manifest=None,
@@ -271,3 +328,80 @@ def generate(chain: Chain, ir: PreprocessingIR, *, symbol="efficiency", manifest
     core = generate_core(chain, ir, input_names=input_names, tanh=tanh)
     return render_abi(core, symbol=symbol, manifest={"backend": "effgen", **(manifest or {})},
                       input_names=input_names, output_names=output_names)
+
+
+# ---- postprocessing: the inverse of the output transform tY -------------------------
+
+@dataclass(frozen=True)
+class PostprocessingCode:
+    """C for the inverse of tY (see generate_postprocessing).
+
+    `source`: tentative declarations of the tables, the helpers and
+        `static void <function>(float *y)`; needs <math.h> (erf, erfc, fabs).
+    `tables`: the tables' definitions, to go after `source` (e.g. in Core.tables, which
+        the ABI layer puts at the end of the file).
+    `function`: the name of the in-place function; `n_features`: the length of y."""
+    source: str
+    tables: str
+    function: str
+    n_features: int
+    description: str
+
+    @property
+    def text(self) -> str:
+        """source then tables: compilable alone after #include <math.h>."""
+        return self.source + "\n" + self.tables
+
+
+def _postprocessing_steps(ir, prefix):
+    steps = []
+    for k, s in enumerate(ir.steps):
+        step = {"kind": s.kind, "sym": f"{prefix}_s{k}", "n_features": s.n_features,
+                "title": "", "label": s.label, "scale": None, "mean": None}
+        if s.kind == "quantile":
+            step.update(title=f"{s.label}: norm.cdf, then np.interp onto quantiles_",
+                        n_quantiles=len(s.references),
+                        quantiles=c_array(s.quantiles.T, c_double, per_line=4),
+                        references=c_array(s.references, c_double, per_line=4))
+        elif s.kind == "scale":
+            parts = (["* scale_"] if s.scale is not None else []) + \
+                    (["+ mean_"] if s.mean is not None else [])
+            step.update(title=f"{s.label}: x {' then '.join(parts) or 'unchanged'}",
+                        scale=None if s.scale is None else c_array(s.scale, c_double, per_line=4),
+                        mean=None if s.mean is None else c_array(s.mean, c_double, per_line=4))
+        else:
+            step.update(title=f"{s.label}: x @ eig.T",
+                        matrix=c_array(s.matrix, c_double, per_line=4))
+        steps.append(step)
+    return steps
+
+
+def generate_postprocessing(ir: PostprocessingIR, *, prefix="effgen_post", output_names=None) -> PostprocessingCode:
+    """C for the inverse of an output transform: the interface the generator kinds use.
+
+    `ir` is a PostprocessingIR (effgen.codegen.postprocessing_ir.read_postprocessing /
+    read_postprocessing_file, which also check tY's width against the model). Returns
+    a PostprocessingCode whose `source` defines
+
+        static void <prefix>_postprocess(float *y)
+
+    turning the network's `ir.n_features` linear outputs into physical units in place
+    (tY.inverse_transform as scikit-learn runs it on float64; computed in double,
+    rounded to float once). Every name it defines starts with `prefix`, so several
+    models' postprocessing can share one file with distinct prefixes. `tables`
+    defines the data `source` declares; put it after `source` (Core.tables).
+    `output_names` (optional) only annotate the comments."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
+        raise ValueError(f"prefix {prefix!r} is not a C identifier")
+    if output_names is not None and len(output_names) != ir.n_features:
+        raise ValueError(f"{len(output_names)} output names for a tY of {ir.n_features} columns")
+    steps = _postprocessing_steps(ir, prefix)
+    fn = f"{prefix}_postprocess"
+    ctx = dict(ir=ir, steps=steps, prefix=prefix, fn=fn, output_names=output_names,
+               bounds=c_double(BOUNDS_THRESHOLD),
+               has_quantile=any(s["kind"] == "quantile" for s in steps),
+               has_matrix=any(s["kind"] == "matrix" for s in steps))
+    template = _env().get_template("effgen/postprocessing.c.j2")
+    return PostprocessingCode(source=template.render(part="code", **ctx),
+                              tables=template.render(part="tables", **ctx),
+                              function=fn, n_features=ir.n_features, description=ir.description)
