@@ -117,3 +117,26 @@ def lamarr_sum(p):
     return s
 
 
+
+
+def small_generator_dir(name, directory, width=16, blocks=2, seed=0):
+    """A RANDOM-weight generator of the production form (two inputs joined by
+    Concatenate, features first; residuals written `x = x + x_`) but small, beside the
+    production stand-ins' fitted tX / tY (effgen.checks.production_models; the
+    covariance tY pickled as LHCb's): model.keras, tX.pkl, tY.pkl in `directory`."""
+    import keras
+
+    from effgen.checks import production_models
+
+    directory = production_models.write_model_dir(name, directory, seed=seed)
+    keras.utils.set_random_seed(seed)
+    feats = keras.layers.Input((len(production_models.feature_names(name)),), name="features")
+    noise = keras.layers.Input((production_models.n_random(name),), name="noise")
+    x = keras.layers.Dense(width, activation="tanh")(keras.layers.Concatenate()([feats, noise]))
+    for _ in range(blocks):
+        x_ = keras.layers.Dense(width, activation="tanh")(x)
+        x = x + x_
+    out = keras.layers.Dense(len(production_models.output_names(name)), activation="linear",
+                             kernel_initializer=keras.initializers.RandomNormal(stddev=0.3))(x)
+    keras.Model([feats, noise], out).save(directory / "model.keras")
+    return directory

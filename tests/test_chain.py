@@ -187,3 +187,74 @@ def test_cli_chain_mode_reads_the_root_tuple(mock_tracking, tiny_dataset, tmp_pa
                             str(mock_tracking), "--sample", str(tiny_dataset["sample"]),
                             "--rows", "800", "--db", str(db)], capture_output=True, text=True, env=env)
     assert again.returncode == 1 and "exists: pass --force" in again.stderr
+
+
+# ---- effgen's own tracking library ------------------------------------------------------
+@pytest.fixture(scope="module")
+def effgen_tracking(tmp_path_factory):
+    """tracking.so exported by `effgen export --spec --compile` from four small
+    RANDOM-weight models of the chain's kinds: a sigmoid acceptance and a softmax
+    efficiency (12 features), and the two generators in the production form (features +
+    128 noise through Concatenate, `x + x_` residuals) with the production stand-ins'
+    fitted tX and tY (covariance: StandardScaler -> LHCb's DecorrTransformer ->
+    QuantileTransformer)."""
+    from support import small_generator_dir
+
+    from effgen.checks import production_models
+    from effgen.codegen.spec import export_spec
+    from effgen.training.acceptance import build_acceptance_model
+    from effgen.training.network import build_model
+
+    d = tmp_path_factory.mktemp("effgen_tracking")
+    dirs = {}
+    for name, model in (("acceptance", build_acceptance_model(width=16, n_blocks=2, seed=1)),
+                        ("efficiency", build_model(width=16, n_blocks=1, seed=2))):
+        dirs[name] = production_models.write_model_dir(name, d / name, seed=3)
+        model.save(dirs[name] / "model.keras")
+    for name in ("resolution", "covariance"):
+        dirs[name] = small_generator_dir(name, d / name, seed=4)
+    lines = []
+    for name, m in dirs.items():
+        lines += ["[[model]]", f'symbol = "{name}"', f'model = "{m}/model.keras"',
+                  f'preprocessing = "{m}/tX.pkl"']
+        if (m / "tY.pkl").is_file():
+            lines.append(f'postprocessing = "{m}/tY.pkl"')
+    (d / "tracking.toml").write_text("\n".join(lines) + "\n")
+    lib = export_spec(d / "tracking.toml", d / "out", backend="effgen", compile=True)["library"]
+    return lib, dirs
+
+
+def test_chain_with_effgens_tracking_library(effgen_tracking, tmp_path):
+    import keras
+
+    from effgen.checks import production_models
+    from effgen.checks.parity_kinds import TOLERANCES, keras_reference
+    from effgen.provenance import load_postprocessing, load_preprocessing
+
+    lib, dirs = effgen_tracking
+    raw = production_models.features("efficiency", 2500, seed=8)
+    tables = chain.run_chain(lib, raw, tmp_path / "chain.db", seed=21, work_dir=tmp_path / "w")
+    report = chain.check_chain(tables, lib)
+    assert report["ok"], report
+    assert 0 < report["reconstructed"] < report["accepted"] < report["selected"] == len(raw)
+
+    # What Lamarr stored is also what Keras + scikit-learn give on the inputs and noise
+    # SQLamarr passed (kinds' stated tolerances).
+    def reference(name, inputs, noise=None):
+        model = keras.models.load_model(dirs[name] / "model.keras", compile=False)
+        ct = load_preprocessing(dirs[name] / "tX.pkl")
+        ty = load_postprocessing(dirs[name] / "tY.pkl") if noise is not None else None
+        return keras_reference(model, ct, ty, inputs, noise)
+
+    feats = tables["probe_features"][[f"in_{i}" for i in range(12)]].to_numpy()
+    for name, cols in (("acceptance", chain.ACCEPTANCE_OUTPUTS), ("efficiency", chain.EFFICIENCY_OUTPUTS)):
+        stored = tables[f"{name}_out"][cols].to_numpy()
+        assert np.abs(stored - reference(name, feats)).max() <= TOLERANCES["sigmoid"]["absolute"], name
+    for name, n_in, cols in (("resolution", 12, chain.RESOLUTION_OUTPUTS),
+                             ("covariance", 15, chain.COVARIANCE_OUTPUTS)):
+        probe = tables[f"probe_{name}"].drop(columns=["row", "mcparticle_id"]).to_numpy(np.float32)
+        ref = reference(name, probe[:, :n_in], probe[:, n_in:])
+        stored = tables[f"{name}_out"][cols].to_numpy()
+        spread = np.where(ref.std(axis=0) > 0, ref.std(axis=0), 1.0)
+        worst = (np.abs(stored - ref) / spread).max()
+        assert worst <= TOLERANCES["generator"]["relative_to_spread"], (name, worst)
