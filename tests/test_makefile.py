@@ -19,6 +19,8 @@ from effgen.codegen.native import Library, check_library
 pytestmark = [pytest.mark.make, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
+# RESOLUTION= / COVARIANCE= directories the runs pass (set by the concurrent_runs fixture).
+GENERATORS = {}
 TINY_KNOBS = ["N_PARTICLES=20000", "BATCH_SIZE=512", "PRE_TRAINING_TIME_LIMIT_SECONDS=2",
               "FINE_TUNING_TIME_LIMIT_SECONDS=2", "ACCEPTANCE_TIME_LIMIT_SECONDS=2"]
 
@@ -31,7 +33,8 @@ def _env():
 
 
 def _make(work, *targets):
-    return subprocess.Popen(["make", "-C", str(REPO), f"W={work}", *TINY_KNOBS, *targets],
+    generators = [f"{v}={d}" for v, d in GENERATORS.items()]
+    return subprocess.Popen(["make", "-C", str(REPO), f"W={work}", *TINY_KNOBS, *generators, *targets],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), start_new_session=True)
 
@@ -71,11 +74,18 @@ def _raw_rows(paths, n=3000):
 @pytest.fixture(scope="module")
 def concurrent_runs(tmp_path_factory):
     """Two `make lamarr-lib` started together on the same work directory."""
+    from support import small_generator_dir
+
     work = tmp_path_factory.mktemp("make_work")
+    models = tmp_path_factory.mktemp("generators")
+    # Small RANDOM-weight generators in the production form, with production tX / tY.
+    GENERATORS.update(RESOLUTION=small_generator_dir("resolution", models / "resolution", seed=5),
+                      COVARIANCE=small_generator_dir("covariance", models / "covariance", seed=6))
     first = _make(work, "lamarr-lib")
     time.sleep(0.2)
     second = _make(work, "lamarr-lib")
-    return work, [_finish(first), _finish(second)]
+    # Generous: the two production-size libraries compile for minutes on a loaded machine.
+    return work, [_finish(first, timeout=1800), _finish(second, timeout=1800)]
 
 
 def test_concurrent_runs_both_succeed_and_the_work_is_done_once(concurrent_runs):
@@ -107,7 +117,7 @@ def test_concurrent_runs_leave_one_consistent_library(concurrent_runs):
     assert [p.name for p in paths["lamarr"].iterdir() if ".tmp" in p.name] == []
 
 
-def test_tracking_library_holds_acceptance_and_efficiency(concurrent_runs):
+def test_tracking_library_holds_the_four_symbols_and_runs_the_chain(concurrent_runs, tmp_path):
     import ctypes
 
     import keras
@@ -118,8 +128,7 @@ def test_tracking_library_holds_acceptance_and_efficiency(concurrent_runs):
     work, _ = concurrent_runs
     paths = _paths(work)
     exported = exported_symbols(paths["tracking"])
-    assert {"acceptance", "efficiency"} <= set(exported)
-    assert not {"resolution", "covariance"} & set(exported)  # none given
+    assert {"acceptance", "efficiency", "resolution", "covariance"} <= set(exported)
     rows = _raw_rows(paths, 500)
     # Its efficiency is efficiency.so's model; its acceptance the trained acceptance model.
     np.testing.assert_allclose(Library(paths["tracking"]).batch(rows), Library(paths["lib"]).batch(rows),
@@ -135,6 +144,13 @@ def test_tracking_library_holds_acceptance_and_efficiency(concurrent_runs):
     want = keras.saving.load_model(paths["acceptance"], compile=False).predict(pre, verbose=0)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert (paths["acceptance"].parent / "acceptance.json").is_file()
+
+    # The whole chain inside SQLamarr with the library make built.
+    from effgen.checks import chain
+
+    tables = chain.run_chain(paths["tracking"], rows, tmp_path / "chain.db", seed=2, work_dir=tmp_path / "w")
+    report = chain.check_chain(tables, paths["tracking"])
+    assert report["ok"] and report["reconstructed"] > 0, report
 
 
 def _load(lib_path, tmp_path):

@@ -70,13 +70,14 @@ class Sizes:
     blocks: int = 5
     fit_rows: int = 20_000        # synthetic rows the synthetic model's preprocessing sees
     chain_rows: int = 2_000       # particles per chain_timing run (scikinC: ~1 ms per track)
+    chain_width: int = 0          # 0: the production topologies; else small models of each kind
 
 
 DEFAULT = Sizes()
 QUICK = Sizes(repeats=2, build_repeats=1, reader_repeats=2, rows=300, tf_batch=500,
               ort_call_rows=100, reader_sample_rows=4_000, reader_batch=500, reader_original_rows=1_000,
               preprocess_rows=20_000,
-              width=16, blocks=1, fit_rows=2_000, chain_rows=50)
+              width=16, blocks=1, fit_rows=2_000, chain_rows=50, chain_width=8)
 
 
 # ---- statistics and table rows -------------------------------------------------------
@@ -478,13 +479,40 @@ CHAIN_SYMBOLS = ("acceptance", "efficiency", "resolution", "covariance")
 CHAIN_HARNESS = shipped_dir("c_harness", "chain_timing.c") / "chain_timing.c"
 
 
-def chain_models(out_dir, seed) -> dict:
+def chain_models(out_dir, seed, width=0) -> dict:
     """The four RANDOM-weight production-topology models with fitted tX/tY, one folder
-    each ({symbol: folder}), as `make lamarr-lib RESOLUTION=... COVARIANCE=...` takes them."""
+    each ({symbol: folder}), as `make lamarr-lib RESOLUTION=... COVARIANCE=...` takes them.
+    `width` > 0: models of the same kinds and forms but that narrow, one residual block
+    (quick runs)."""
     from effgen.checks import production_models
 
-    return {name: production_models.write_model_dir(name, Path(out_dir) / name, seed=seed)
+    dirs = {name: production_models.write_model_dir(name, Path(out_dir) / name, seed=seed)
             for name in CHAIN_SYMBOLS}
+    if width:
+        for name, d in dirs.items():
+            _small_chain_model(name, width, seed).save(d / "model.keras")
+    return dirs
+
+
+def _small_chain_model(name, width, seed):
+    import keras
+
+    from effgen.checks import production_models
+
+    feats, outs, _, noise, residual = production_models.TOPOLOGIES[name]
+    keras.utils.set_random_seed(seed)
+    inputs = [keras.layers.Input((len(feats),))] + ([keras.layers.Input((noise,))] if noise else [])
+    x = keras.layers.Concatenate()(inputs) if noise else inputs[0]
+    x = keras.layers.Dense(width, activation="tanh")(x)
+    x_ = keras.layers.Dense(width, activation="tanh")(x)
+    x = keras.layers.Add()([x, x_]) if residual == "Add" else x + x_
+    if name == "acceptance":
+        out = keras.layers.Dense(1, activation="sigmoid")(x)
+    elif name == "efficiency":
+        out = keras.layers.Softmax()(keras.layers.Dense(len(outs))(x))
+    else:
+        out = keras.layers.Dense(len(outs))(x)
+    return keras.Model(inputs, out)
 
 
 def chain_spec(model_dirs, path) -> Path:
@@ -543,7 +571,7 @@ def chain_section(out_dir, sizes: Sizes, seed) -> tuple:
     against the scikinC route's, built from the same models in this run; each row's ratio
     is against the scikinC row of the same case (the speed-up)."""
     out_dir = Path(out_dir)
-    model_dirs = chain_models(out_dir / "models", seed)
+    model_dirs = chain_models(out_dir / "models", seed, sizes.chain_width)
     spec = chain_spec(model_dirs, out_dir / "tracking.toml")
     exe = out_dir / "chain_timing"
     tmp = exe.with_name(f".chain_timing.{os.getpid()}.tmp")
@@ -590,7 +618,7 @@ SECTION_TITLES = {
     "reader": ("Training-data reader", "speed-up over the original design (higher is faster)"),
     "preprocess": ("Preprocessing, ROOT tuple to shards (fresh process each)",
                    "times better than the notebook's in-memory design (speed, or memory)"),
-    "chain": ("Lamarr tracking chain: one tracking.so, RANDOM-weight production-topology models",
+    "chain": ("Lamarr tracking chain: one tracking.so per backend, RANDOM-weight models (see above)",
               "speed-up over the scikinC route on the same case (higher is faster)"),
 }
 
@@ -648,6 +676,11 @@ def run_bench(*, output_dir, sections=SECTIONS, sizes: Sizes = DEFAULT, model_pa
             rows, failures = chain_section(output_dir / "work" / "chain", sizes, seed)
             report["sections"]["chain"] = rows
             report["failures"].update(failures)
+            report["meta"]["chain_models"] = (
+                "RANDOM weights in the production topologies of DOMAIN.md section 8 "
+                "(effgen.checks.production_models), fitted tX/tY" if not sizes.chain_width else
+                f"RANDOM weights, small models of the four kinds (width {sizes.chain_width}, one "
+                "residual block) with the production stand-ins' tX/tY: numbers meaningless")
     finally:
         if previous is not None:
             os.sched_setaffinity(0, previous)
@@ -673,6 +706,8 @@ def render_markdown(report) -> str:
     lines = ["# effgen bench", ""]
     if "model" in m:
         lines.append(f"- Model: {m['model']}")
+    if "chain_models" in m:
+        lines.append(f"- Tracking chain models: {m['chain_models']}")
     lines += [
         f"- Machine: {m['cpu_model']}, {m['cpus']} CPUs; pinned to CPU {m['pinned_cpu']} "
         f"(allowed {m['allowed_cpus']}); gcc {m['gcc']}; Python {m['python']}",
