@@ -25,8 +25,8 @@ _unsafe = $(or $(filter-out 1,$(words $(1))),$(call _strip_safe,$(1),$(SAFE_CHAR
 PATH_VARS := W OUTPUT_MODEL OUTPUT_PREPROCESSING TRAIN_DATA VALIDATION_DATA TEST_DATA SYMBOL BACKEND
 $(foreach v,$(PATH_VARS),$(if $(call _unsafe,$($(v))),$(error effgen: $(v)='$($(v))' is empty or holds a space or a shell character; use letters, digits and ._-+/@ only)))
 $(foreach d,/ . .. ./ ../,$(if $(filter $(d),$(W)),$(error effgen: W=$(W) would put the work directory over something else; choose a directory of its own)))
-# Trained generators for tracking.so, optional (empty: the library holds acceptance and
-# efficiency only).
+# Trained generators for tracking.so (RESOLUTION, COVARIANCE; defaults.mk), optional
+# (empty: the library holds acceptance and efficiency only).
 GENERATORS := RESOLUTION COVARIANCE
 $(foreach v,$(GENERATORS),$(if $($(v)),$(if $(call _unsafe,$($(v))),$(error effgen: $(v)='$($(v))' holds a space or a shell character; use letters, digits and ._-+/@ only))))
 

@@ -30,6 +30,10 @@ PRE_TRAINING_TIME_LIMIT_SECONDS ?=
 FINE_TUNING_TIME_LIMIT_SECONDS ?=
 # acceptance model's training time limit in make's main job (its recipe's last phase)
 ACCEPTANCE_TIME_LIMIT_SECONDS ?= 60
+# trained resolution generator for tracking.so: a directory with model.keras, tX.pkl, tY.pkl (empty: none)
+RESOLUTION ?=
+# trained covariance generator for tracking.so, same layout (empty: none)
+COVARIANCE ?=
 # code generator: effgen, or scikinc (the reference route)
 BACKEND ?= effgen
 # exported function name of the library

@@ -57,6 +57,11 @@ _KNOBS = (
          "acceptance model's training time limit in make's main job (its recipe's last phase)",
          minimum=0),
     # export and the library build.
+    Knob("RESOLUTION", "", "str",
+         "trained resolution generator for tracking.so: a directory with model.keras, tX.pkl, "
+         "tY.pkl (empty: none)"),
+    Knob("COVARIANCE", "", "str",
+         "trained covariance generator for tracking.so, same layout (empty: none)"),
     Knob("BACKEND", "effgen", "str", "code generator: effgen, or scikinc (the reference route)"),
     Knob("SYMBOL", "efficiency", "str", "exported function name of the library"),
     Knob("CC", "gcc", "str", "C compiler of the library"),
