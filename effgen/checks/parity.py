@@ -253,10 +253,33 @@ def register(subparsers):
     p.add_argument("--variants", default="production,portable,sanitize",
                    help="comma-separated API-mode builds of SOURCE (empty for none)")
     p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--spec", help="check every symbol of a spec's library (effgen export --spec "
+                                  "--compile; --library defaults to <lamarr dir>/<spec stem>.so) "
+                                  "against Keras + scikit-learn on --rows drawn rows")
+    p.add_argument("--per-row-rows", type=int, default=None,
+                   help="with --spec: rows also run one call at a time (default: all)")
     p.set_defaults(func=_main)
 
 
+def _main_spec(args) -> int:
+    """`effgen parity --spec`: every kind, effgen.checks.parity_kinds."""
+    from effgen.checks.parity_kinds import run_spec_parity
+    from effgen.checks.parity_kinds import summary as spec_summary
+    from effgen.config import default_paths
+
+    library = Path(args.library)
+    if library == default_paths()["lamarr"] / "efficiency.so":
+        library = library.with_name(Path(args.spec).stem + ".so")
+    report = run_spec_parity(args.spec, library, rows=args.rows, per_row_rows=args.per_row_rows,
+                             seed=args.seed, output_dir=args.output_dir)
+    print(spec_summary(report))
+    print(f"report: {Path(args.output_dir) / 'report.json'}")
+    return 0 if report["passed"] else 1
+
+
 def _main(args) -> int:
+    if args.spec:
+        return _main_spec(args)
     library = Path(args.library) if args.library else None
     source = Path(args.source) if args.source else None
     if library is not None and not library.is_file():

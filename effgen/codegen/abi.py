@@ -76,6 +76,10 @@ def library_manifest(core: Core, *, symbol: str, manifest: dict, kind: ModelKind
     info.update(kind=kind.name, symbol=symbol, effgen_version=__version__,
                 inputs=list(input_names or kind.inputs), outputs=list(output_names or kind.outputs),
                 functions=core.functions(), isa_variants=list(core.isa_variants))
+    if kind.name != EFFICIENCY.name:  # the efficiency manifest stays as it was
+        info.update(family=kind.family, n_random=kind.noise_inputs,
+                    signature="float *f(float *out, " + ", ".join(
+                        f"const float *{p}" for p in kind.signature) + ")")
     for key in BUILD_KEYS:
         info.pop(key, None)
     return info
@@ -103,6 +107,7 @@ def render_abi(core: Core, *, symbol: str, manifest: dict, kind: ModelKind = EFF
     ctx = dict(
         symbol=symbol, kind=kind, backend=info["backend"], model_sha256=info["model_sha256"],
         effgen_version=__version__, n_inputs=kind.n_inputs, n_outputs=kind.n_outputs,
+        n_random=kind.noise_inputs, postprocessing=info.get("postprocessing"),
         core=core, isa_variants=[c_string_body(v) for v in core.isa_variants],
         manifest_head=c_string_body(head[:-1]),
         inputs=[(n, kind.input_docs.get(n, "")) for n in input_names],

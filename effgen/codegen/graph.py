@@ -2,13 +2,17 @@
 can print.
 
 The graph is walked structurally, from the model output back to its input, through
-each tensor's producing layer (never by layer names). What effgen deploys is a chain:
+each tensor's producing layer or operation (never by layer names). What effgen deploys
+is a chain:
 
     Input -> [Dense | Residual | Dropout]* -> Softmax?
+    Concatenate([Input features, Input noise]) -> [Dense | Residual | Dropout]*   (generators)
 
-where Residual is Keras' `Add()([x, Dense(x)])` (the seed's skip connection). Any other
-layer or wiring raises UnsupportedModelError naming the layer and its class, so that an
-unknown graph is refused instead of miscompiled.
+where Residual is `Add()([x, Dense(x)])` (the seed's skip connection) or, the same
+thing in Keras 3, the operation `x = x + Dense(x)` that `model.layers` does not list
+(LHCb's resolution and covariance write it so). Any other layer or wiring raises
+UnsupportedModelError naming the layer and its class, so that an unknown graph is
+refused instead of miscompiled.
 """
 
 from dataclasses import dataclass, field
@@ -72,8 +76,15 @@ class Softmax:
 
 @dataclass
 class Chain:
+    """`n_inputs` values enter the first op; for a generator they are the features
+    followed by `n_random` noise values (Concatenate([features, noise]))."""
     n_inputs: int
     ops: List[object] = field(default_factory=list)
+    n_random: int = 0
+
+    @property
+    def n_features(self):
+        return self.n_inputs - self.n_random
 
     @property
     def n_outputs(self):
@@ -84,7 +95,8 @@ class Chain:
         return bool(self.ops) and isinstance(self.ops[-1], Softmax)
 
     def describe(self) -> str:
-        parts = [f"Input({self.n_inputs})"]
+        parts = [f"Input({self.n_inputs})" if not self.n_random else
+                 f"Concatenate(features {self.n_features}, noise {self.n_random})"]
         for op in self.ops:
             if isinstance(op, Dense):
                 parts.append(f"Dense({op.n_out}, {op.activation})")
@@ -172,37 +184,94 @@ def _residual(layer, inputs):
         f"{_where(layer)}: operands are not a tensor and a Dense of that same tensor")
 
 
-def read_chain(model, n_outputs=None) -> Chain:
-    """Walk `model` from its single output back to its single input; with `n_outputs`,
-    also refuse a model giving another number of outputs."""
+def _input_width(tensor, model):
+    shape = tuple(tensor.shape)
+    if len(shape) != 2 or shape[1] is None:
+        raise UnsupportedModelError(f"model input {_tensor_name(tensor)!r} shape {shape}: "
+                                    f"expected (None, n)")
+    dtype = str(tensor.dtype)
+    if dtype not in COMPUTE_DTYPES:
+        # the rows would be cast to it before the first layer
+        raise UnsupportedModelError(f"model {model.name!r} takes {dtype} input "
+                                    f"{_tensor_name(tensor)!r}; effgen takes float32")
+    return int(shape[1])
+
+
+def _tensor_name(tensor) -> str:
+    return getattr(_producer(tensor)[0], "name", "?")
+
+
+def features_and_noise(model, n_features=None):
+    """(features, noise) input tensors of a two-input generator: the input `n_features`
+    wide when exactly one is (the width of tX's output), else the model's first input."""
+    inputs = list(model.inputs)
+    widths = [int(t.shape[-1]) if t.shape[-1] is not None else -1 for t in inputs]
+    if n_features is not None and widths.count(n_features) == 1:
+        k = widths.index(n_features)
+    else:
+        k = 0
+    return inputs[k], inputs[1 - k]
+
+
+def _concatenate(layer, inputs, features, noise):
+    """Check that Concatenate joins the features then the noise, both model inputs."""
+    axis = layer.get_config().get("axis", -1)
+    if axis not in (-1, 1):
+        raise UnsupportedModelError(f"{_where(layer)}: concatenates along axis {axis}; "
+                                    f"effgen needs axis -1 (features then noise)")
+    ids = [_producer(t)[0] for t in inputs]
+    want = [_producer(features)[0], _producer(noise)[0]]
+    if len(ids) == 2 and ids == want[::-1]:
+        raise UnsupportedModelError(
+            f"{_where(layer)}: joins the noise {want[1].name!r} before the features "
+            f"{want[0].name!r}; effgen needs Concatenate([features, noise]) (SQLamarr's "
+            f"f(out, in, rnd) feeds tX(in) then rnd)")
+    if ids != want:
+        raise UnsupportedModelError(
+            f"{_where(layer)}: joins {[getattr(i, 'name', '?') for i in ids]}; effgen needs "
+            f"Concatenate([{want[0].name!r}, {want[1].name!r}]) of the two model inputs")
+
+
+def read_chain(model, n_outputs=None, n_features=None) -> Chain:
+    """Walk `model` from its single output back to its input(s): one input, or two
+    (features and noise) joined by Concatenate for a generator. With `n_outputs`, also
+    refuse a model giving another number of outputs; `n_features` (tX's output width)
+    tells the features input from the noise input."""
     try:
         _ = model.inputs, model.outputs
     except AttributeError as err:  # an empty or never-built Sequential
         raise UnsupportedModelError(f"model {model.name!r} has no graph to read ({err}); "
                                     f"give it an Input and at least one layer") from err
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+    if len(model.inputs) not in (1, 2) or len(model.outputs) != 1:
         raise UnsupportedModelError(
             f"model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} "
-            f"outputs; effgen deploys one input and one output")
-    shape = tuple(model.inputs[0].shape)
-    if len(shape) != 2 or shape[1] is None:
-        raise UnsupportedModelError(f"model input shape {shape}: expected (None, n_features)")
-    dtype = str(model.inputs[0].dtype)
-    if dtype not in COMPUTE_DTYPES:
-        # the rows would be cast to it before the first layer
-        raise UnsupportedModelError(f"model {model.name!r} takes {dtype} input; effgen takes float32")
+            f"outputs; effgen deploys one output from one input (a classifier) or two "
+            f"(a generator: features and noise joined by Concatenate)")
+    widths = [_input_width(t, model) for t in model.inputs]
+    features = noise = None
+    if len(model.inputs) == 2:
+        features, noise = features_and_noise(model, n_features)
 
     ops = []
     tensor = model.outputs[0]
+    concatenated = False
     while True:
         layer, inputs = _producer(tensor)
         kind = type(layer).__name__
         if kind == "InputLayer":
+            if noise is not None:
+                raise UnsupportedModelError(
+                    f"model {model.name!r}: input {layer.name!r} reaches the output without "
+                    f"the Concatenate([features, noise]) a generator needs")
             break
         _check_dtype(layer)
         if kind == "Dropout":
             tensor = inputs[0]
             continue
+        if kind == "Concatenate" and noise is not None:
+            _concatenate(layer, inputs, features, noise)
+            concatenated = True
+            break
         if kind == "Dense":
             ops.append(_dense(layer))
             tensor = inputs[0]
@@ -222,7 +291,11 @@ def read_chain(model, n_outputs=None) -> Chain:
         if len(inputs) != 1 and kind != "Add":
             raise UnsupportedModelError(f"{_where(layer)} has {len(inputs)} inputs")
 
-    chain = Chain(n_inputs=int(shape[1]), ops=ops[::-1])
+    if concatenated:
+        n_random = int(noise.shape[-1])
+        chain = Chain(n_inputs=int(features.shape[-1]) + n_random, ops=ops[::-1], n_random=n_random)
+    else:
+        chain = Chain(n_inputs=widths[0], ops=ops[::-1])
     _check_shapes(chain)
     if n_outputs is not None and chain.n_outputs != n_outputs:
         last, _ = _producer(model.outputs[0])

@@ -16,12 +16,20 @@ from effgen.codegen.kinds import EFFICIENCY, ModelKind
 
 @dataclass(frozen=True)
 class Core:
-    """A backend's C99 code, every function static. Signatures (kind efficiency):
+    """A backend's C99 code, every function static. Signatures, classifier kinds
+    (efficiency, sigmoid):
 
         void row_fn(float *out, const float *in)             raw features -> outputs
         void batch_fn(float *out, const float *in, long n)   n rows (None: row by row)
         void network_fn(float *out, const float *z)          network alone, preprocessed z
         int isa_fn(void)                                     index in isa_variants in use
+
+    and generator kind (noise `rnd`, n_random values a row, enters the network raw;
+    outputs in physical units, tY's inverse applied):
+
+        void row_fn(float *out, const float *in, const float *rnd)
+        void batch_fn(float *out, const float *in, const float *rnd, long n)
+        void network_fn(float *out, const float *z)          z = [tX(in), rnd]
 
     `tables`, if any, is C defining data (weights, quantiles) that `source` declares
     with tentative `static const` definitions: the ABI layer puts it at the very end.
@@ -46,14 +54,17 @@ class Core:
 @dataclass(frozen=True)
 class Request:
     """What export hands a backend: the Keras model, its chain (effgen.codegen.graph),
-    the fitted preprocessing (a ColumnTransformer), the exported symbol, the kind and
-    backend options (`sklearn_dtype`, `tanh`; a backend ignores what it does not use)."""
+    the fitted preprocessing (a ColumnTransformer), the exported symbol, the kind (with
+    its names and noise width), backend options (`sklearn_dtype`, `tanh`; a backend
+    ignores what it does not use) and, for a generator, the fitted output transform
+    tY whose inverse turns the network's outputs into physical units (None: identity)."""
     model: object
     chain: object
     preprocessing: object
     symbol: str
     kind: ModelKind = EFFICIENCY
     options: dict = field(default_factory=dict)
+    postprocessing: object = None
 
 
 @dataclass(frozen=True)

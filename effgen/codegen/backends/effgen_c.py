@@ -10,7 +10,7 @@ portable library uses AVX2/FMA where present (-DEFFGEN_NO_DISPATCH turns that of
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -18,8 +18,8 @@ from effgen import schema
 from effgen.codegen.abi import render_abi, template_env
 from effgen.codegen.backends import Backend, Core, Request, register
 from effgen.codegen.graph import Chain, Dense, Residual, Softmax
-from effgen.codegen.postprocessing_ir import BOUNDS_THRESHOLD, PostprocessingIR
-from effgen.codegen.preprocessing_ir import PreprocessingIR, read_preprocessing
+from effgen.codegen.postprocessing_ir import BOUNDS_THRESHOLD, PostprocessingIR, read_postprocessing
+from effgen.codegen.preprocessing_ir import Output, PreprocessingIR, read_preprocessing
 
 TANH_IMPLS = ("fast", "libm")
 
@@ -252,14 +252,70 @@ def generate_core(chain: Chain, ir: PreprocessingIR, *, input_names=None, tanh="
 def _generate(request: Request) -> Core:
     options = request.options
     ir = read_preprocessing(request.preprocessing, options.get("sklearn_dtype", "float64"))
+    if request.kind.family == "generator":
+        return generate_generator_core(request.chain, ir, postprocessing=request.postprocessing,
+                                       input_names=list(request.kind.inputs),
+                                       output_names=list(request.kind.outputs),
+                                       tanh=options.get("tanh", "fast"))
     return generate_core(request.chain, ir, input_names=list(request.kind.inputs),
                          tanh=options.get("tanh", "fast"), n_outputs=request.kind.n_outputs)
 
 
 BACKEND = register(Backend(
-    name="effgen", generate=_generate,
+    name="effgen", generate=_generate, kinds=("efficiency", "sigmoid", "generator"),
     description="effgen's own C: exact QuantileTransformer, blocked dense kernels, "
                 "fast tanh, AVX2/AVX-512 dispatch"))
+
+
+# ---- generators: f(out, in, rnd) ---------------------------------------------------------
+
+def _with_noise(ir: PreprocessingIR, n_random: int) -> PreprocessingIR:
+    """The preprocessing of the joined row [in, rnd]: tX's outputs, then the noise
+    passed through unscaled (the model's Concatenate([features, noise]))."""
+    noise = [Output("passthrough", ir.n_inputs + k) for k in range(n_random)]
+    return replace(ir, n_inputs=ir.n_inputs + n_random, outputs=list(ir.outputs) + noise)
+
+
+def _generator_postprocessing(postprocessing, n_outputs, output_names=None) -> tuple:
+    """(code, tables, function, description) of the in-place inverse of the fitted output
+    transform tY (generate_postprocessing, below); tY None: an identity function."""
+    if postprocessing is None:
+        code = (f"\n/* No output transform: the network's {n_outputs} outputs are the physical values. */\n"
+                "static void effgen_post_postprocess(float *y)\n{\n    (void)y;\n}\n")
+        return code, "", "effgen_post_postprocess", None
+    ir = read_postprocessing(postprocessing, n_outputs)
+    post = generate_postprocessing(ir, prefix="effgen_post", output_names=output_names)
+    return "\n" + post.source, post.tables, post.function, post.description
+
+
+def generate_generator_core(chain: Chain, ir: PreprocessingIR, *, postprocessing=None,
+                            input_names=None, output_names=None, tanh="fast") -> Core:
+    """A generator's core: effgen's preprocessing and network (generate_core) over the
+    joined row [in, rnd], then tY's inverse; row_fn(out, in, rnd), batch_fn(out, in,
+    rnd, n) and network_fn(out, z) with z = [tX(in), rnd]."""
+    if not chain.n_random:
+        raise ValueError("generate_generator_core: the chain has no noise input")
+    if chain.n_features != ir.n_outputs:
+        raise ValueError(f"the network takes {chain.n_features} features but the preprocessing "
+                         f"produces {ir.n_outputs}")
+    names = list(input_names or [f"in{i}" for i in range(ir.n_inputs)])
+    names += [f"rnd[{k}]" for k in range(chain.n_random)]
+    base = generate_core(chain, _with_noise(ir, chain.n_random), input_names=names, tanh=tanh,
+                         n_outputs=chain.n_outputs)
+    post_code, post_tables, post_fn, post_description = _generator_postprocessing(
+        postprocessing, chain.n_outputs, output_names)
+    section = len(base.contents) + 1
+    wrapper = _env().get_template("effgen/generator.c.j2").render(
+        section=section, n_inputs=ir.n_inputs, n_random=chain.n_random,
+        n_outputs=chain.n_outputs, forward=base.row_fn, forward_batch=base.batch_fn,
+        postprocess=post_fn)
+    info = dict(base.info, postprocessing=post_description)
+    return replace(base, source=base.source + post_code + wrapper, row_fn="effgen_generate",
+                   batch_fn="effgen_generate_batch",
+                   tables=base.tables + ("\n" + post_tables if post_tables else ""),
+                   contents=base.contents + (f"2.{section} generator: tY inverse "
+                                             f"({post_fn}), effgen_generate, "
+                                             f"effgen_generate_batch",), info=info)
 
 
 def generate(chain: Chain, ir: PreprocessingIR, *, symbol="efficiency", manifest=None,
