@@ -61,8 +61,11 @@ ALLOWED = {
     ("collections", "OrderedDict"),
     *((module, name) for module, names in _SKLEARN.items() for name in names),
 }
-# Foreign classes read as a local equivalent.
-MAPPED = {("preprocessing_utils", "DecorrTransformer"): DecorrTransformer}
+# Classes read as effgen's own: LHCb's (their notebook module, which users do not have)
+# and effgen's DecorrTransformer pickled under its own module name (a tY fitted with it
+# and pickled plainly), wherever effgen keeps the class.
+MAPPED = {(module, "DecorrTransformer"): DecorrTransformer
+          for module in ("preprocessing_utils", DecorrTransformer.__module__, "effgen.decorr")}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

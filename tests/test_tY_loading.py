@@ -175,3 +175,21 @@ def test_a_file_without_c_inverse_names_the_file_and_step(tmp_path):
                                   .fit(_targets(200, 3))))
     with pytest.raises(UnsafePickleError, match=r"sklearn\.decomposition\._pca\.PCA"):
         read_postprocessing_file(path)
+
+
+def test_effgens_own_decorr_transformer_pickled_plainly_loads(tmp_path):
+    """A tY fitted with effgen's DecorrTransformer and pickled without LHCb's module name."""
+    from effgen.safe_pickle import DecorrTransformer
+
+    y = _targets(3000, 4)
+    scaler = StandardScaler().fit(y)
+    decorr = DecorrTransformer().fit(scaler.transform(y))
+    qt = QuantileTransformer(n_quantiles=100, output_distribution="normal")
+    tY = Pipeline([("scale", scaler), ("decorr", decorr),
+                   ("quantile", qt.fit(decorr.transform(scaler.transform(y))))])
+    path = tmp_path / "tY.pkl"
+    path.write_bytes(pickle.dumps(tY))
+    assert DecorrTransformer.__module__.encode() in path.read_bytes()
+    loaded = load_postprocessing(path)
+    z = np.random.default_rng(0).normal(size=(100, 4))
+    np.testing.assert_array_equal(loaded.inverse_transform(z), tY.inverse_transform(z))

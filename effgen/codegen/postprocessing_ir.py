@@ -15,7 +15,13 @@ Anything else (PCA, a ColumnTransformer, which has no inverse_transform, a unifo
 QuantileTransformer, ...) is refused with an error naming the step. The IR lists the
 steps in the order the inverse applies them. The reference is scikit-learn run on a
 float64 array (`tY.inverse_transform(y.astype(np.float64))`): the generated C computes
-in double from the network's float outputs and rounds once, at the end.
+in double from the network's float outputs and rounds once, at the end. Measured
+(tests/test_postprocessing.py, 1M rows including tails, knots, the 1e-7 bounds and
++-inf): equal to float32(sklearn) on every value for a QuantileTransformer and for
+scalers, within 6e-10 of the target's spread for StandardScaler -> DecorrTransformer ->
+QuantileTransformer (summation order of the matrix product); the tests hold it to 1e-6
+of the spread. Against unrounded float64 the float result itself adds up to 6e-8 of
+|value|.
 """
 
 from dataclasses import dataclass, field
