@@ -29,7 +29,7 @@ PRE_TRAINING_TIME_LIMIT_SECONDS ?=
 # last phase's time limit (a one-phase recipe's only limit)
 FINE_TUNING_TIME_LIMIT_SECONDS ?=
 # acceptance model's training time limit in make's main job (its recipe's last phase)
-ACCEPTANCE_TIME_LIMIT_SECONDS ?= 60
+ACCEPTANCE_TIME_LIMIT_SECONDS ?= 45
 # trained resolution generator for tracking.so: a directory with model.keras, tX.pkl, tY.pkl (empty: none)
 RESOLUTION ?=
 # trained covariance generator for tracking.so, same layout (empty: none)
