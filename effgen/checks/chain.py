@@ -351,8 +351,8 @@ def check_chain(tables, library, n_random=N_RANDOM) -> dict:
     res_probe = values("probe_resolution", _PROBE_RES).astype(np.float32)
     cov_probe = values("probe_covariance", _PROBE_COV).astype(np.float32)
     # The probes ran on the same rows as the models they stand beside.
-    for name, probe in (("acceptance_out", "probe_features"), ("resolution_out", "probe_resolution"),
-                        ("covariance_out", "probe_covariance")):
+    for name, probe in (("acceptance_out", "probe_features"), ("efficiency_out", "probe_features"),
+                        ("resolution_out", "probe_resolution"), ("covariance_out", "probe_covariance")):
         if not np.array_equal(tables[name]["row"].to_numpy(), tables[probe]["row"].to_numpy()):
             raise LamarrError(f"{name} and {probe} hold different particles")
     checks = {
@@ -433,6 +433,8 @@ def read_particles(sample, rows):
 
 
 def cli_main(args, sample, db, force) -> int:
+    if args.threads != 1:
+        raise LamarrError(f"--chain runs on one connection; got --threads {args.threads}")
     check_library_symbols(args.library)
     if not Path(sample).is_file():
         raise LamarrError(f"sample {sample} does not exist (run `effgen synth` or give --sample)")
