@@ -5,10 +5,11 @@
  *
  * FEATURES.f32: N_ROWS x 12 raw efficiency features; RESOLUTION_IN.f32: N_ROWS x 12 raw
  * resolution inputs; NOISE.f32: N_ROWS x 2 x N_RANDOM N(0,1) values. MODE is one symbol
- * (one call per row) or "chain": per row, the four calls a reconstructed track costs,
- * the covariance fed from the resolution's inputs and outputs as Lamarr's query does
- * (6 track reals, chi2PerDoF, nDoF_f, ghostProb, 6 flags). Prints one line per repeat:
- * microseconds per row. A checksum keeps the compiler from dropping the work. */
+ * (one call per row) or "chain": the four calls a reconstructed track costs, run as
+ * SQLamarr runs the chain (each model over all rows in turn), the covariance fed from
+ * the resolution's inputs and outputs as Lamarr's query does (6 track reals,
+ * chi2PerDoF, nDoF_f, ghostProb, 6 flags). Prints one line per repeat: microseconds
+ * per row. A checksum keeps the compiler from dropping the work. */
 #define _POSIX_C_SOURCE 200809L
 #include <dlfcn.h>
 #include <stdio.h>
@@ -69,31 +70,32 @@ int main(int argc, char **argv)
     if (chain || strcmp(mode, "covariance") == 0) *(void **)&cov = need(lib, "covariance", lib_path);
     if (!acc && !eff && !res && !cov) { fprintf(stderr, "unknown mode %s\n", mode); return 2; }
 
-    float out_acc[1] = {0}, out_eff[4] = {0}, out_res[9] = {0}, out_cov[15] = {0}, cov_in[15];
+    float out_acc[1] = {0}, out_eff[4] = {0}, out_cov[15] = {0}, cov_in[15];
+    float *out_res = calloc((size_t)n * 9, sizeof(float));
+    if (!out_res) { fprintf(stderr, "out of memory\n"); return 1; }
     double checksum = 0;
+    /* As SQLamarr runs the chain: each step is one pass over all its rows (a Plugin or
+     * GenerativePlugin per model), the covariance reading what the resolution stored. */
     for (long rep = -1; rep < repeats; rep++) {  /* rep -1 warms caches, not printed */
         double t0 = now_us();
-        for (long i = 0; i < n; i++) {
-            const float *f = feat + i * 12, *r = res_in + i * 12;
-            const float *z = noise + i * 2 * N_RANDOM;
-            if (acc) acc(out_acc, f);
-            if (eff) eff(out_eff, f);
-            if (res) res(out_res, r, z);
-            if (cov) {
-                memcpy(cov_in, r, 6 * sizeof(float));
-                if (res) memcpy(cov_in + 6, out_res + 6, 3 * sizeof(float));
-                else { cov_in[6] = 1.0f; cov_in[7] = 20.0f; cov_in[8] = 0.05f; }
-                memcpy(cov_in + 9, r + 6, 6 * sizeof(float));
-                cov(out_cov, cov_in, z + N_RANDOM);
-            }
+        if (acc) for (long i = 0; i < n; i++) acc(out_acc, feat + i * 12);
+        if (eff) for (long i = 0; i < n; i++) eff(out_eff, feat + i * 12);
+        if (res) for (long i = 0; i < n; i++) res(out_res + i * 9, res_in + i * 12, noise + i * 2 * N_RANDOM);
+        if (cov) for (long i = 0; i < n; i++) {
+            const float *r = res_in + i * 12;
+            memcpy(cov_in, r, 6 * sizeof(float));
+            if (res) memcpy(cov_in + 6, out_res + i * 9 + 6, 3 * sizeof(float));
+            else { cov_in[6] = 1.0f; cov_in[7] = 20.0f; cov_in[8] = 0.05f; }
+            memcpy(cov_in + 9, r + 6, 6 * sizeof(float));
+            cov(out_cov, cov_in, noise + i * 2 * N_RANDOM + N_RANDOM);
         }
         double dt = now_us() - t0;
         if (rep >= 0) printf("%.4f\n", dt / n);
         checksum += out_acc[0] * (acc != NULL) + out_eff[1] * (eff != NULL)
-                  + out_res[0] * (res != NULL) + out_cov[0] * (cov != NULL);
+                  + out_res[(n - 1) * 9] * (res != NULL) + out_cov[0] * (cov != NULL);
     }
     fprintf(stderr, "checksum %g\n", checksum);
-    free(feat); free(res_in); free(noise);
+    free(feat); free(res_in); free(noise); free(out_res);
     dlclose(lib);
     return 0;
 }

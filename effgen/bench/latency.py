@@ -596,7 +596,8 @@ def chain_section(out_dir, sizes: Sizes, seed) -> tuple:
             cases[name] = chain_harness_case(exe, lib["so"], mode, sizes.chain_rows, inputs)
             notes[name] = (f"c_harness/chain_timing.c, {sizes.chain_rows:,} rows, one call per row"
                            if mode != "chain" else
-                           "acceptance + efficiency + resolution + covariance, one call each")
+                           "acceptance + efficiency + resolution + covariance, one call each per "
+                           "track, each model over all rows in turn (as SQLamarr's steps run)")
     values = interleaved(cases, sizes.repeats, "chain")
     rows = [row(name, "us", v, notes[name]) for name, v in values.items()]
     for r in rows:  # the speed-up over the scikinC route on the same case
