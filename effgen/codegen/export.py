@@ -128,7 +128,12 @@ def prepare(model_path, preprocessing_path, *, postprocessing_path=None, backend
         hashes["postprocessing_sha256"] = sha256_of(postprocessing_path)
     elif kind.family == "generator":
         hashes["postprocessing_sha256"] = None
-    manifest = {**hashes, "model_file": model_path.name,
+    # File names (not paths: the manifest is embedded in the library) let `effgen
+    # describe` find the files again beside the library; their hashes vouch for them.
+    files = {"model_file": model_path.name, "preprocessing_file": preprocessing_path.name}
+    if postprocessing_path is not None:
+        files["postprocessing_file"] = Path(postprocessing_path).name
+    manifest = {**hashes, **files,
                 "trained_with_this_preprocessing": "checked" if provenance_checked else "unknown"}
     manifest["backend"] = plugin.name
     core = plugin.generate(backends.Request(
