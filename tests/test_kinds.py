@@ -390,3 +390,40 @@ def test_every_kind_under_sanitizers(library, tmp_path):
                     "-o", str(exe), "-lm"], check=True, capture_output=True)
     proc = subprocess.run([str(exe)], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stdout + proc.stderr
+
+
+def _acceptance_with_history(models, tmp_path, features, labels=("acceptance",)):
+    """The random-weight acceptance model copied with a history.json as `effgen train
+    --target acceptance` writes it (features, labels, both sha256)."""
+    import shutil
+
+    d = tmp_path / "acceptance"
+    shutil.copytree(models / "acceptance", d)
+    (d / "history.json").write_text(json.dumps({
+        "features": list(features), "labels": list(labels),
+        "model_sha256": sha256_of(d / "model.keras"), "preprocessing_sha256": sha256_of(d / "tX.pkl")}))
+    return d
+
+
+@pytest.mark.parametrize("symbol", ["acceptance", "acc"])
+def test_sigmoid_export_checks_the_trained_feature_order(models, tmp_path, symbol):
+    """A sigmoid model's history.json gets the efficiency's contract check: features in
+    the ABI's order (also for a symbol effgen has no input names for), one label."""
+    from effgen.codegen.export import export
+    from effgen.errors import ProvenanceError
+    from effgen.schema import FEATURES
+
+    good = _acceptance_with_history(models, tmp_path / "good", FEATURES)
+    paths = export(good / "model.keras", good / "tX.pkl", tmp_path / "out_good", symbol=symbol)
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["kind"] == "sigmoid" and manifest["trained_with_this_preprocessing"] == "checked"
+    swapped = list(FEATURES)
+    swapped[2], swapped[3] = swapped[3], swapped[2]
+    bad = _acceptance_with_history(models, tmp_path / "swapped", swapped)
+    with pytest.raises(ProvenanceError, match=r"features in another order.*history.json.*position 2: "
+                                              rf"trained on '{FEATURES[3]}', expected '{FEATURES[2]}'"):
+        export(bad / "model.keras", bad / "tX.pkl", tmp_path / "out_bad", symbol=symbol)
+    two = _acceptance_with_history(models, tmp_path / "two", FEATURES, labels=("acceptance", "other"))
+    with pytest.raises(ProvenanceError, match="outputs .*2 trained vs 1 expected"):
+        export(two / "model.keras", two / "tX.pkl", tmp_path / "out_two", symbol=symbol)
+    assert not (tmp_path / "out_bad").exists() and not (tmp_path / "out_two").exists()

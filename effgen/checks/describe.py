@@ -250,7 +250,7 @@ def describe(library, *, model_path=None, preprocessing_path=None, postprocessin
         m = manifests[s]
         kind = m.get("kind", EFFICIENCY.name)
         print(f"\nsymbol    {s}: {kind} ({m.get('family', 'classifier')}), "
-              f"{m.get('signature', 'float *f(float *out, const float *in)')}", file=out)
+              f"{m.get('signature', 'float *f(float *out, const float *in)').replace('*f(', f'*{s}(', 1)}", file=out)
         print(f"inputs    {len(m.get('inputs', []))}: {', '.join(m.get('inputs', []))}", file=out)
         print(f"outputs   {len(m.get('outputs', []))}: {', '.join(m.get('outputs', []))}", file=out)
         print(f"n_random  {m.get('n_random', 0)}", file=out)
