@@ -230,6 +230,14 @@ def describe(library, *, model_path=None, preprocessing_path=None, postprocessin
     if symbol is not None and symbol not in symbols:
         raise ExportError(f"library {library} has no symbol {symbol!r} (it has {', '.join(symbols)})")
     manifests = {s: read_manifest(library, s) for s in symbols}
+    given = {"model": model_path, "preprocessing": preprocessing_path,
+             "postprocessing": postprocessing_path}
+    given_for = _given_symbol(symbols, manifests, given, symbol)
+    entries = {}
+    if spec is not None:
+        from effgen.codegen.spec import read_spec
+
+        entries = {e["symbol"]: e for e in read_spec(spec)}
     print(f"library   {library.resolve()}", file=out)
     print(f"exports   {' '.join(exported)}", file=out)
     print(f"imports   {' '.join(undefined_symbols(library))}", file=out)
@@ -237,14 +245,6 @@ def describe(library, *, model_path=None, preprocessing_path=None, postprocessin
     print("abi       " + ("PROBLEM: " + "; ".join(problems) if problems else
                           f"OK: exactly the exports of {len(symbols)} symbol(s) "
                           f"({', '.join(symbols)}), no __*_finite imports"), file=out)
-    entries = {}
-    if spec is not None:
-        from effgen.codegen.spec import read_spec
-
-        entries = {e["symbol"]: e for e in read_spec(spec)}
-    given = {"model": model_path, "preprocessing": preprocessing_path,
-             "postprocessing": postprocessing_path}
-    given_for = _given_symbol(symbols, manifests, given, symbol)
     result = {"library": str(library), "exports": exported, "abi_problems": problems, "symbols": {}}
     for s in symbols:
         m = manifests[s]
