@@ -171,3 +171,21 @@ def test_a_full_or_read_only_disk_is_one_line(errno_, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1, err
     assert err.startswith(f"effgen synth: {tmp_path}: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("symbol", ["1efficiency", "exit", "effgen_core", "x" * 65])
+@pytest.mark.parametrize("stage", ["lamarr", "parity"])
+def test_a_bad_symbol_is_refused_first(stage, symbol, files, tmp_path, monkeypatch, capsys):
+    """--symbol is checked with export's rules (effgen.codegen.symbols) before anything
+    else: the library named is missing, yet the one line is about the symbol."""
+    for name in config.KNOBS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EFFGEN_WORKDIR", str(tmp_path / "work"))
+    argv = [stage, "--library", str(files["missing"]), "--symbol", symbol]
+    if stage == "parity":
+        argv += ["--model", str(files["missing"])]
+    rc = cli.main(argv)
+    lines = capsys.readouterr().err.splitlines()
+    assert rc == 1
+    assert len(lines) == 1 and lines[0].startswith(f"effgen {stage}: symbol "), lines
+    assert str(files["missing"]) not in lines[0]

@@ -319,3 +319,111 @@ def test_single_generator_export_cli(models, tmp_path, capsys):
                    "--output-dir", str(tmp_path / "acc")])
     assert rc == 1 and "an output transform is for generators" in capsys.readouterr().err
     assert not (tmp_path / "acc").exists()
+
+
+def test_parity_spec_cli(library, tmp_path, capsys):
+    rc = cli.main(["parity", "--spec", str(library["spec"]), "--library", str(library["so"]),
+                   "--rows", "600", "--per-row-rows", "50", "--output-dir", str(tmp_path / "p")])
+    assert rc == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["passed"] and report["symbols"]["covariance"]["n_random"] == N_RANDOM
+
+
+def test_failed_compile_writes_nothing(models, tmp_path):
+    from effgen.codegen.spec import export_spec
+    from effgen.errors import CompileError
+
+    spec = write_spec(models / "compile.toml", tracking_entries(("acceptance",)))
+    with pytest.raises(CompileError, match="tracking.so|compile.so"):
+        export_spec(spec, tmp_path / "out", compile=True, cc="false")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+DRIVER = r"""
+#include <stdio.h>
+#include "tracking.h"
+/* Every symbol, one call per row and in batch (n not a multiple of any chunk or tile),
+ * under ASan/UBSan; the two must agree bit for bit. */
+int main(void)
+{
+    enum { N = 77, R = %(n_random)d };
+    static float acc_in[N * 12], res_in[N * 12], cov_in[N * 15], rnd[N * R];
+    static float a[N], e[N * 4], res[N * 9], cov[N * 15], one[15];
+    int i, k, bad = 0;
+    for (i = 0; i < N * 12; ++i) acc_in[i] = res_in[i] = (float)((i * 37) %% 11) * 0.1f - 0.5f;
+    for (i = 0; i < N * 15; ++i) cov_in[i] = (float)((i * 29) %% 13) * 0.1f - 0.6f;
+    for (i = 0; i < N * R; ++i) rnd[i] = (float)((i * 13) %% 7) * 0.3f - 1.0f;
+    acceptance_batch(a, acc_in, N);
+    efficiency_batch(e, acc_in, N);
+    resolution_batch(res, res_in, rnd, N);
+    covariance_batch(cov, cov_in, rnd, N);
+    for (i = 0; i < N; ++i) {
+        bad += *acceptance(one, acc_in + i * 12) != a[i];
+        bad += acceptance_draw(acc_in + i * 12, 0.5f) != (0.5f >= 1.0f - a[i]);
+        efficiency(one, acc_in + i * 12);
+        for (k = 0; k < 4; ++k) bad += one[k] != e[i * 4 + k];
+        resolution(one, res_in + i * 12, rnd + i * R);
+        for (k = 0; k < 9; ++k) bad += one[k] != res[i * 9 + k];
+        covariance(one, cov_in + i * 15, rnd + i * R);
+        for (k = 0; k < 15; ++k) bad += one[k] != cov[i * 15 + k];
+    }
+    printf("%%d\n", bad);
+    return bad != 0;
+}
+"""
+
+
+@pytest.mark.sanitizer
+def test_every_kind_under_sanitizers(library, tmp_path):
+    """The sources of the spec library, portable path (-DEFFGEN_NO_DISPATCH: an ifunc
+    resolver runs before ASan's runtime in an executable), built with ASan/UBSan into a
+    C driver that calls every entry point."""
+    import subprocess
+
+    out = library["out"]
+    (tmp_path / "driver.c").write_text(DRIVER % {"n_random": N_RANDOM})
+    exe = tmp_path / "driver"
+    sources = [str(out / f"{name}.c") for name in pm.TOPOLOGIES]
+    subprocess.run(["gcc", "-std=c99", "-O1", "-g", "-DEFFGEN_NO_DISPATCH", "-I", str(out),
+                    "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                    "-Wall", "-Wextra", "-Werror", *sources, str(tmp_path / "driver.c"),
+                    "-o", str(exe), "-lm"], check=True, capture_output=True)
+    proc = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stdout + proc.stderr
+
+
+def _acceptance_with_history(models, tmp_path, features, labels=("acceptance",)):
+    """The random-weight acceptance model copied with a history.json as `effgen train
+    --target acceptance` writes it (features, labels, both sha256)."""
+    import shutil
+
+    d = tmp_path / "acceptance"
+    shutil.copytree(models / "acceptance", d)
+    (d / "history.json").write_text(json.dumps({
+        "features": list(features), "labels": list(labels),
+        "model_sha256": sha256_of(d / "model.keras"), "preprocessing_sha256": sha256_of(d / "tX.pkl")}))
+    return d
+
+
+@pytest.mark.parametrize("symbol", ["acceptance", "acc"])
+def test_sigmoid_export_checks_the_trained_feature_order(models, tmp_path, symbol):
+    """A sigmoid model's history.json gets the efficiency's contract check: features in
+    the ABI's order (also for a symbol effgen has no input names for), one label."""
+    from effgen.codegen.export import export
+    from effgen.errors import ProvenanceError
+    from effgen.schema import FEATURES
+
+    good = _acceptance_with_history(models, tmp_path / "good", FEATURES)
+    paths = export(good / "model.keras", good / "tX.pkl", tmp_path / "out_good", symbol=symbol)
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["kind"] == "sigmoid" and manifest["trained_with_this_preprocessing"] == "checked"
+    swapped = list(FEATURES)
+    swapped[2], swapped[3] = swapped[3], swapped[2]
+    bad = _acceptance_with_history(models, tmp_path / "swapped", swapped)
+    with pytest.raises(ProvenanceError, match=r"features in another order.*history.json.*position 2: "
+                                              rf"trained on '{FEATURES[3]}', expected '{FEATURES[2]}'"):
+        export(bad / "model.keras", bad / "tX.pkl", tmp_path / "out_bad", symbol=symbol)
+    two = _acceptance_with_history(models, tmp_path / "two", FEATURES, labels=("acceptance", "other"))
+    with pytest.raises(ProvenanceError, match="outputs .*2 trained vs 1 expected"):
+        export(two / "model.keras", two / "tX.pkl", tmp_path / "out_two", symbol=symbol)
+    assert not (tmp_path / "out_bad").exists() and not (tmp_path / "out_two").exists()

@@ -33,6 +33,7 @@ from effgen import schema
 from effgen.atomic import atomic_dir
 from effgen.checks.draws import draw_distribution
 from effgen.codegen.native import exported_symbols
+from effgen.codegen.symbols import check_symbol
 from effgen.config import add_knob, default_paths, positive_int, shipped_dir
 from effgen.errors import LamarrError
 
@@ -354,6 +355,7 @@ def register(subparsers):
 def _check_before_running(library, symbol, sample, db, threads, force):
     """Everything that can be known wrong before a database is touched: SQLamarr aborts
     the process (C++ terminate) on a symbol the library lacks, after replacing the file."""
+    check_symbol(symbol)
     library = Path(library)
     if not library.is_file():
         raise LamarrError(f"library {library} does not exist (run `make lamarr-lib`)")

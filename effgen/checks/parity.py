@@ -53,6 +53,7 @@ from effgen.checks.parity_report import plot_differences, summary
 from effgen.checks.parity_worker import main as worker_main
 from effgen.checks.parity_worker import run_worker
 from effgen.codegen.export import manifest_path
+from effgen.codegen.symbols import check_symbol
 from effgen.errors import ParityError  # noqa: F401 (re-exported)
 from effgen.provenance import sha256_of
 
@@ -278,6 +279,7 @@ def _main_spec(args) -> int:
 
 
 def _main(args) -> int:
+    check_symbol(args.symbol)  # a bad name is refused before any model is loaded or built
     if args.spec:
         return _main_spec(args)
     library = Path(args.library) if args.library else None

@@ -12,7 +12,7 @@ from effgen import schema
 from effgen.atomic import atomic_outputs
 from effgen.codegen import backends
 from effgen.codegen.abi import library_manifest, render_abi
-from effgen.codegen.kinds import EFFICIENCY, ModelKind, io_names, kind_of
+from effgen.codegen.kinds import EFFICIENCY, SIGMOID, ModelKind, io_names, kind_of
 from effgen.codegen.symbols import check_symbol
 from effgen.errors import (
     ExportError,  # noqa: F401 (re-exported)
@@ -41,6 +41,24 @@ def manifest_path(source) -> Path:
     <symbol>.c): backend, kind, function names, hashes; what the library's
     SYMBOL_manifest() returns, less the build's isa, cflags and compiler."""
     return Path(source).with_suffix(".json")
+
+
+def check_sigmoid_contract(model_path, recorded, kind) -> bool:
+    """The efficiency's contract check for a sigmoid (acceptance) model: its training
+    record (history.json, as `effgen train --target acceptance` writes it: `features`,
+    `labels`) must list the features in the order of the ABI's inputs and one label.
+    Inputs named in0, in1, ... (a tX fitted on arrays, a symbol effgen has no names
+    for) are effgen's tX's columns when there are 12: schema.FEATURES. Returns whether
+    a record let the check be made."""
+    if not recorded:
+        return False
+    inputs = list(kind.inputs)
+    if inputs == [f"in{i}" for i in range(len(inputs))] and len(inputs) == len(schema.FEATURES):
+        inputs = list(schema.FEATURES)
+    labels = list(recorded.get("labels") or ())
+    # One output: its name is the symbol's; only a record of another count is wrong.
+    return check_contract(model_path, recorded, features=inputs,
+                          labels=labels if len(labels) == kind.n_outputs else list(kind.outputs))
 
 
 @dataclass
@@ -114,6 +132,8 @@ def prepare(model_path, preprocessing_path, *, postprocessing_path=None, backend
     if n_raw != kind.n_inputs:
         raise ExportError(f"preprocessing {preprocessing_path} takes {n_raw} raw features; the "
                           f"{kind.name} ABI takes {kind.n_inputs} ({', '.join(kind.inputs)})")
+    if kind.name == SIGMOID.name:
+        check_sigmoid_contract(model_path, recorded, kind)
     if found.name == EFFICIENCY.name and chain.n_outputs != kind.n_outputs:
         raise UnsupportedModelError(f"{model_path}: the model has {chain.n_outputs} outputs; "
                                     f"{kind.n_outputs} are needed")
@@ -128,7 +148,12 @@ def prepare(model_path, preprocessing_path, *, postprocessing_path=None, backend
         hashes["postprocessing_sha256"] = sha256_of(postprocessing_path)
     elif kind.family == "generator":
         hashes["postprocessing_sha256"] = None
-    manifest = {**hashes, "model_file": model_path.name,
+    # File names (not paths: the manifest is embedded in the library) let `effgen
+    # describe` find the files again beside the library; their hashes vouch for them.
+    files = {"model_file": model_path.name, "preprocessing_file": preprocessing_path.name}
+    if postprocessing_path is not None:
+        files["postprocessing_file"] = Path(postprocessing_path).name
+    manifest = {**hashes, **files,
                 "trained_with_this_preprocessing": "checked" if provenance_checked else "unknown"}
     manifest["backend"] = plugin.name
     core = plugin.generate(backends.Request(
