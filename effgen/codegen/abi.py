@@ -12,6 +12,11 @@ efficiency kind:
 
 and guarantees, whatever the backend: NaN input -> {1, 0, 0, 0}; outputs in [0, 1];
 p0 + 0 + 0 + p1 + p2 accumulated in float never above 1 (Lamarr aborts otherwise).
+The sigmoid kind exports SYMBOL, SYMBOL_batch, SYMBOL_draw (random_category(1 - p, p))
+and SYMBOL_manifest (NaN input -> 0; output in [0, 1]); the generator kind
+`float *SYMBOL(float *out, const float *in, const float *rnd)`, SYMBOL_batch(out, in,
+rnd, n) and SYMBOL_manifest (NaN anywhere -> NaN outputs). Each kind's templates are
+templates/abi/<kind>.{c,h}.j2.
 The exported functions call each other only through static functions, so another
 library defining the same names (RTLD_GLOBAL, LD_PRELOAD) cannot take their place.
 """
