@@ -28,6 +28,7 @@ from effgen.codegen.backends.scikinc import (
 )
 from effgen.codegen.graph import read_chain
 from effgen.codegen.postprocessing_ir import UnsupportedPostprocessingError
+from effgen.errors import ExportError
 from effgen.safe_pickle import DecorrTransformer
 
 STRICT = ["gcc", "-std=c99", "-O3", "-fPIC", "-shared", "-Wall", "-Wextra", "-pedantic", "-Werror"]
@@ -188,7 +189,7 @@ def test_generator_refusals():
     pca = Pipeline([("s", StandardScaler()), ("pca", PCA())]).fit(_targets(500, 4))
     with pytest.raises(UnsupportedPostprocessingError, match=r"step 2 'pca' \(PCA\)"):
         generate_generator_core(chain, tX, pca, symbol="resolution", n_random=N_RANDOM)
-    with pytest.raises(Exception, match="transforms 9 columns but the model has 4 outputs"):
+    with pytest.raises(ExportError, match="transforms 9 columns but the model has 4 outputs"):
         generate_generator_core(chain, tX, _tY("quantile", 9), symbol="resolution", n_random=N_RANDOM)
     with pytest.raises(ValueError, match="12 features and the noise is 8 wide, but the network takes 28"):
         generate_generator_core(chain, tX, None, symbol="resolution", n_random=8)
