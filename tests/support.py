@@ -1,6 +1,9 @@
 """Shared builders for the tests (no test module imports another): plausible raw rows,
 a fitted preprocessing, a seed-like Keras model with random weights, knot-probing values,
-and a hand-written ABI core whose outputs a test controls."""
+a hand-written ABI core whose outputs a test controls, and small random-weight models of
+the tracking chain's kinds with spec files for them."""
+
+import json
 
 import numpy as np
 from sklearn.compose import ColumnTransformer
@@ -117,26 +120,56 @@ def lamarr_sum(p):
     return s
 
 
+# ---- small random-weight models of the tracking chain's kinds ---------------------------
+
+SMALL_WIDTH, SMALL_N_RANDOM = 16, 8
 
 
-def small_generator_dir(name, directory, width=16, blocks=2, seed=0):
+def small_model(name, width=SMALL_WIDTH, blocks=2, n_random=SMALL_N_RANDOM, seed=0, **variant):
+    """`name`'s production topology (production_models.TOPOLOGIES) at a small width and
+    noise, RANDOM weights: Add() residuals for the classifiers, `x = x + x_` for the
+    generators; `variant` (noise_first, last_activation) builds malformed models."""
+    from effgen.checks import production_models
+
+    return production_models.build_model(name, seed, width=width, n_blocks=blocks,
+                                         n_random=n_random, **variant)
+
+
+def small_generator_dir(name, directory, width=SMALL_WIDTH, blocks=2, seed=0):
     """A RANDOM-weight generator of the production form (two inputs joined by
-    Concatenate, features first; residuals written `x = x + x_`) but small, beside the
-    production stand-ins' fitted tX / tY (effgen.checks.production_models; the
-    covariance tY pickled as LHCb's): model.keras, tX.pkl, tY.pkl in `directory`."""
-    import keras
-
+    Concatenate, features first; residuals written `x = x + x_`) but small, with the
+    production number of noise inputs, beside the production stand-ins' fitted tX / tY
+    (effgen.checks.production_models; the covariance tY pickled as LHCb's):
+    model.keras, tX.pkl, tY.pkl in `directory`."""
     from effgen.checks import production_models
 
     directory = production_models.write_model_dir(name, directory, seed=seed)
-    keras.utils.set_random_seed(seed)
-    feats = keras.layers.Input((len(production_models.feature_names(name)),), name="features")
-    noise = keras.layers.Input((production_models.n_random(name),), name="noise")
-    x = keras.layers.Dense(width, activation="tanh")(keras.layers.Concatenate()([feats, noise]))
-    for _ in range(blocks):
-        x_ = keras.layers.Dense(width, activation="tanh")(x)
-        x = x + x_
-    out = keras.layers.Dense(len(production_models.output_names(name)), activation="linear",
-                             kernel_initializer=keras.initializers.RandomNormal(stddev=0.3))(x)
-    keras.Model([feats, noise], out).save(directory / "model.keras")
+    model = small_model(name, width=width, blocks=blocks, seed=seed,
+                        n_random=production_models.n_random(name))
+    model.save(directory / "model.keras")
     return directory
+
+
+def write_spec(path, entries):
+    """A spec TOML with one [[model]] table per dict in `entries`."""
+    lines = []
+    for e in entries:
+        lines.append("[[model]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in e.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def tracking_entries(names=("acceptance", "efficiency", "resolution", "covariance"),
+                     n_random=SMALL_N_RANDOM):
+    """Spec entries for DIR/<name>/{model.keras,tX.pkl[,tY.pkl]} (paths relative to the spec)."""
+    from effgen.checks import production_models
+
+    entries = []
+    for name in names:
+        e = {"symbol": name, "model": f"{name}/model.keras", "preprocessing": f"{name}/tX.pkl"}
+        if production_models.n_random(name):
+            e.update(postprocessing=f"{name}/tY.pkl", n_random=n_random)
+        entries.append(e)
+    return entries

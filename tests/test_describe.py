@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("keras")
 
-from test_kinds import N_RANDOM, small_model, tracking_entries, write_spec
+from support import SMALL_N_RANDOM as N_RANDOM
+from support import small_model, tracking_entries, write_spec
 
 from effgen import cli
 from effgen.checks import production_models as pm

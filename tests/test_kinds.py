@@ -14,6 +14,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from support import SMALL_N_RANDOM as N_RANDOM
+from support import small_model, tracking_entries, write_spec
+
 from effgen import cli
 from effgen.checks import production_models as pm
 from effgen.checks.parity_kinds import (
@@ -27,34 +30,6 @@ from effgen.codegen.graph import UnsupportedModelError, evaluate, read_chain
 from effgen.codegen.kinds import EFFICIENCY, GENERATOR, SIGMOID, kind_of
 from effgen.errors import ConfigError, EffgenError, ExportError
 from effgen.provenance import sha256_of
-
-WIDTH, N_RANDOM = 16, 8
-
-
-def small_model(name, width=WIDTH, blocks=2, n_random=N_RANDOM, seed=0, noise_first=False,
-                last_activation=None):
-    """`name`'s production topology (production_models.TOPOLOGIES) at a small width, random
-    weights: Add() residuals for the classifiers, `x = x + x_` for the generators."""
-    feats, outs, _, noise, residual = pm.TOPOLOGIES[name]
-    keras.utils.set_random_seed(seed)
-    x_in = keras.layers.Input((len(feats),), name="features")
-    inputs, x = [x_in], x_in
-    if noise:
-        rnd = keras.layers.Input((n_random,), name="noise")
-        inputs.append(rnd)
-        x = keras.layers.Concatenate(name="join")([rnd, x_in] if noise_first else [x_in, rnd])
-    x = keras.layers.Dense(width, activation="tanh")(x)
-    for _ in range(blocks):
-        x_ = keras.layers.Dense(width, activation="tanh")(x)
-        x = keras.layers.Add()([x, x_]) if residual == "Add" else x + x_
-    if name == "acceptance":
-        out = keras.layers.Dense(1, activation=last_activation or "sigmoid", name="out")(x)
-    elif name == "efficiency":
-        out = keras.layers.Softmax()(keras.layers.Dense(4)(x))
-    else:
-        out = keras.layers.Dense(len(outs), activation=last_activation or "linear", name="out",
-                                 kernel_initializer=keras.initializers.RandomNormal(stddev=0.2))(x)
-    return keras.Model(inputs, out, name=name)
 
 
 @pytest.fixture(scope="module")
@@ -72,26 +47,6 @@ def models(tmp_path_factory):
                 (sub / "tY.pkl").write_bytes(pickle.dumps(pm.fit_tY(name, n=4000)))
         small_model(name).save(sub / "model.keras")
     return d
-
-
-def write_spec(path, entries):
-    lines = []
-    for e in entries:
-        lines.append("[[model]]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in e.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
-
-
-def tracking_entries(names=("acceptance", "efficiency", "resolution", "covariance")):
-    entries = []
-    for name in names:
-        e = {"symbol": name, "model": f"{name}/model.keras", "preprocessing": f"{name}/tX.pkl"}
-        if pm.n_random(name):
-            e.update(postprocessing=f"{name}/tY.pkl", n_random=N_RANDOM)
-        entries.append(e)
-    return entries
 
 
 # ---- graph: two inputs, both residual spellings, production sizes ----------------------

@@ -165,18 +165,23 @@ def fit_tY(name, n=20000, seed=0):
 
 # ---- Keras models with random weights ---------------------------------------------
 
-def build_model(name, seed=0):
-    """The production topology of `name` with random weights (see module doc)."""
+def build_model(name, seed=0, *, width=WIDTH, n_blocks=None, n_random=None,
+                noise_first=False, last_activation=None):
+    """`name`'s topology with random weights (see module doc): production widths and
+    depths by default; `width`, `n_blocks` and `n_random` shrink it for fast tests, and
+    `noise_first` / `last_activation` build the malformed variants the exporter refuses."""
     import keras
 
-    feats, outs, n_blocks, noise, residual = TOPOLOGIES[name]
+    feats, outs, blocks, noise, residual = TOPOLOGIES[name]
+    n_blocks = blocks if n_blocks is None else n_blocks
+    noise = noise if n_random is None or not noise else n_random
     keras.utils.set_random_seed(seed)
 
-    def dense(units, activation="tanh", scale=1.0):
+    def dense(units, activation="tanh", scale=1.0, name=None):
         # Scaled so that the outputs stay O(1) through the blocks.
-        return keras.layers.Dense(units, activation=activation,
+        return keras.layers.Dense(units, activation=activation, name=name,
                                   kernel_initializer=keras.initializers.RandomNormal(
-                                      stddev=scale / np.sqrt(WIDTH)),
+                                      stddev=scale / np.sqrt(width)),
                                   bias_initializer=keras.initializers.RandomNormal(stddev=0.1))
 
     x_in = keras.layers.Input((len(feats),), name="features")
@@ -185,18 +190,18 @@ def build_model(name, seed=0):
     if noise:
         rnd = keras.layers.Input((noise,), name="noise")
         inputs.append(rnd)
-        x = keras.layers.Concatenate()([x_in, rnd])
-    x = dense(WIDTH)(x)
+        x = keras.layers.Concatenate(name="join")([rnd, x_in] if noise_first else [x_in, rnd])
+    x = dense(width)(x)
     for _ in range(n_blocks):
-        x_ = dense(WIDTH)(x)
+        x_ = dense(width)(x)
         x = keras.layers.Add()([x, x_]) if residual == "Add" else x + x_
     if name == "acceptance":
-        out = dense(1, "sigmoid")(x)
+        out = dense(1, last_activation or "sigmoid", name="out")(x)
     elif name == "efficiency":
         out = keras.layers.Softmax()(dense(len(outs), "linear")(x))
     else:
         # A GAN generator's outputs are roughly N(0, 1) in tY's normal space.
-        out = dense(len(outs), "linear", scale=0.5)(x)
+        out = dense(len(outs), last_activation or "linear", scale=0.5, name="out")(x)
     return keras.Model(inputs, out, name=name)
 
 
