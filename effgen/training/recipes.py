@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 OPTIMIZERS = ("rmsprop", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
+CALIBRATIONS = ("none", "bias", "scale_bias")  # effgen/training/calibrate.py
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,14 @@ class Recipe:
     width: int = 128
     blocks: int = 5
     in_memory: bool = False       # hold the training split in memory (else stream the shards)
+    # After training: refit the output layer's bias ("bias") or bias and one logit scale
+    # ("scale_bias") on up to calibration_rows validation rows (effgen/training/calibrate.py).
+    calibration: str = "none"
+    calibration_rows: int = 1_000_000
+
+    def __post_init__(self):
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"recipe {self.name}: calibration {self.calibration!r} not in {CALIBRATIONS}")
 
     def phase_max_epochs(self, phase: Phase) -> int:
         return self.max_epochs if phase.max_epochs is None else phase.max_epochs
@@ -111,7 +120,7 @@ DEFAULT = Recipe(
     # shared 2-core machine (15-46k samples/s measured) the 300 s end the schedule before
     # its 30,000 steps (31M samples); the step budget binds on faster or idle machines.
     l2=0.0, batch_size=1024, steps_per_epoch=1000, max_epochs=30, validation_rows=200_000,
-    in_memory=True,
+    in_memory=True, calibration="bias",
     phases=(
         Phase("training", "adam", 8e-3, label_smoothing=0.0, patience=None, time_limit_s=300,
               schedule="cosine", warmup_fraction=0.03, final_lr_fraction=0.01),
