@@ -113,7 +113,8 @@ DEFAULT = Recipe(
     name="default",
     summary="Adam 1.6e-2, 3% warm-up then cosine to 1% of the peak over 30 x 1000 steps or "
             "240 s, whichever comes first; no L2, no smoothing; batch 1024; epochs validated on "
-            "200k fixed rows, best epoch kept; then the output bias refit on the validation split",
+            "200k fixed rows, best epoch kept; then the output bias and logit scale refit on the "
+            "validation split",
     # Within minutes the fit is limited by the number of steps (Adam moves each weight by
     # about the rate per step): at equal samples, batches of 1024 beat 2048 and a peak of
     # 8e-3 beat 4e-3 beat 2e-3 (issue 14's ablation); 512 gained nothing over 1024. At
@@ -122,10 +123,11 @@ DEFAULT = Recipe(
     # faster than ~130k samples/s; here the 240 s end the schedule (240 s leave the main job
     # room for the acceptance model's minute within its 10).
     # The last steps leave the output bias off by a few 1e-3 (mean p - mean truth -0.002
-    # for not_recoed); the refit (effgen/training/calibrate.py) removes that, and
-    # weight averaging (EMA 0.999, SWA over the last epochs) gained nothing beyond it.
+    # for not_recoed) and the logits a little flat (refitted scale 1.004-1.008); the refit
+    # of both (effgen/training/calibrate.py) removes that. Weight averaging over the last
+    # epochs (SWA) did worse; an EMA of the weights (0.999) gained 1-3 % on top (not built).
     l2=0.0, batch_size=1024, steps_per_epoch=1000, max_epochs=30, validation_rows=200_000,
-    in_memory=True, calibration="bias",
+    in_memory=True, calibration="scale_bias",
     phases=(
         Phase("training", "adam", 1.6e-2, label_smoothing=0.0, patience=None, time_limit_s=240,
               schedule="cosine", warmup_fraction=0.03, final_lr_fraction=0.01),
