@@ -118,10 +118,10 @@ DEFAULT = Recipe(
     # Within minutes the fit is limited by the number of steps (Adam moves each weight by
     # about the rate per step): at equal samples, batches of 1024 beat 2048 and a peak of
     # 8e-3 beat 4e-3 beat 2e-3 (issue 14's ablation); 512 gained nothing over 1024. At
-    # 13,000 steps (240 s at 57k samples/s) 1.6e-2 beat 1.2e-2 beat 8e-3 on the validation
-    # loss and on the test split against the truth. The step budget binds only on machines
-    # faster than ~130k samples/s; here the 240 s end the schedule (240 s leave the main job
-    # room for the acceptance model's minute within its 10).
+    # 13,000 steps (240 s at 57k samples/s) 1.6e-2 beat 1.2e-2 beat 8e-3, and 2.4e-2 was
+    # worse again, on the validation loss and on the test split against the truth. The
+    # step budget binds only on machines faster than ~130k samples/s; here the 240 s end
+    # the schedule (240 s leave the main job room for the acceptance model's minute).
     # The last steps leave the output bias off by a few 1e-3 (mean p - mean truth -0.002
     # for not_recoed) and the logits a little flat (refitted scale 1.004-1.008); the refit
     # of both (effgen/training/calibrate.py) removes that. Weight averaging over the last
