@@ -23,6 +23,7 @@ from pathlib import Path
 from effgen.atomic import atomic_file, atomic_outputs, atomic_path, exclusive_lock
 from effgen.errors import EffgenError, TrainingError
 from effgen.provenance import sha256_of
+from effgen.training.calibrate import calibrate_model
 from effgen.training.recipes import RECIPES, SEED, Recipe, get_recipe
 
 STATE_FORMAT = 2
@@ -451,6 +452,21 @@ def _in_memory_batches(features, labels, batch_size, seed):
             .map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(2))
 
 
+def _calibrate(model, recipe, val_reader, verbose):
+    """The recipe's calibration-in-the-large on the first calibration_rows rows of the
+    validation split (shuffled by preprocess), in place; what was done, or None."""
+    if recipe.calibration == "none":
+        return None
+    x, y = next(val_reader.iter_xy(min(recipe.calibration_rows, val_reader.n_rows)))
+    done = calibrate_model(model, x, y, recipe.calibration)
+    if verbose:
+        offsets = " ".join(f"{v:+.4f}" for v in done["mean_prediction_minus_label_before"])
+        print(f"== calibration ({recipe.calibration}) on {done['rows']:,} validation rows: "
+              f"mean prediction - label fraction was {offsets}; log-loss "
+              f"{done['log_loss_before']:.5f} -> {done['log_loss_after']:.5f}", flush=True)
+    return done
+
+
 TARGETS = ("efficiency", "acceptance")
 
 
@@ -588,7 +604,10 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
               "run again with --resume to continue", file=sys.stderr, flush=True)
         raise
 
+    calibration = _calibrate(model, recipe, val_reader, verbose)
     history = make_history(run, recipe, config, model.count_params())
+    if calibration is not None:
+        history["calibration"] = calibration
     history["features"] = list(train_reader.features)
     history["labels"] = list(train_reader.labels)
     history["samples_per_s"] = round(sum(e["steps"] for p in history["phases"] for e in p["epochs"])
