@@ -207,7 +207,7 @@ def _preprocessing_context(ir: PreprocessingIR):
     tables, references, outputs = [], [], []
     for o in ir.outputs:
         if o.kind != "quantile":
-            outputs.append({"kind": o.kind, "input_index": o.input_index})
+            outputs.append({"kind": o.kind, "input_index": o.input_index, "z": len(outputs)})
             continue
         col = o.quantile
         n = len(col.quantiles)
@@ -223,11 +223,15 @@ def _preprocessing_context(ir: PreprocessingIR):
                        "first_equal": c_array(first, str, per_line=12),
                        "index_type": "short" if n < 32768 else "int"})
         outputs.append({"kind": "quantile", "input_index": o.input_index, "table": len(tables) - 1,
-                        "ref": ref, "n": n})
+                        "ref": ref, "n": n, "z": len(outputs)})
     index_type = "int" if any(t["index_type"] == "int" for t in tables) else "short"
     for t in tables:
         t["index_type"] = index_type
-    return {"tables": tables, "references": references, "index_type": index_type,
+    # quantile columns with the same number of knots are searched in lockstep
+    sizes = sorted({o["n"] for o in outputs if o["kind"] == "quantile"})
+    groups = [{"n": n, "cols": [o for o in outputs if o["kind"] == "quantile" and o["n"] == n]}
+              for n in sizes]
+    return {"tables": tables, "references": references, "index_type": index_type, "qt_groups": groups,
             "ir": ir, "outputs": outputs, "f32": ir.sklearn_dtype == "float32"}
 
 
