@@ -1,12 +1,14 @@
 """The effgen C backend: a Chain (effgen.codegen.graph) plus a PreprocessingIR become one C99
 file with the Lamarr ABI (effgen.codegen.abi).
 
-Design for speed: weights are `static const float` arrays in the Keras (n_in, n_out)
-row-major layout, so a dense layer is `acc[j] += x[i] * W[i][j]` over contiguous rows
-of W, in column blocks whose accumulators stay in vector registers; sizes are
-compile-time constants. The network is rendered once per code path (portable x86-64
-and AVX2+FMA), picked at load time by an ifunc resolver inside the .so, so one
-portable library uses AVX2/FMA where present (-DEFFGEN_NO_DISPATCH turns that off).
+Design for speed: weights are `static const float` arrays packed in panels of 16
+output columns in the order the kernels read them (pack_kernel), so each layer is one
+sequential stream; a dense layer is `acc[j] = madd(x[i], W[i][j], acc[j])` for i in
+order, with a panel group's accumulators in vector registers (one row) or a tile of
+rows x columns (batches). One generic kernel per code path (sizes as arguments) keeps
+gcc's work small. The network is rendered once per code path (portable x86-64, AVX2+FMA,
+AVX-512F), picked at load time by an ifunc resolver inside the .so, so one portable
+library uses AVX2/FMA where present (-DEFFGEN_NO_DISPATCH turns that off).
 """
 
 import re
@@ -36,7 +38,7 @@ TANH_IMPLS = ("fast", "libm")
 # `tile_rows` rows x `tile_panels` panels (12-16 accumulators), so that each weight
 # load serves a whole tile. The dense kernels are generic (one per code path, sizes as
 # arguments) so gcc compiles them once, not once per layer. Measured on AMD EPYC
-# (Zen 3): AVX2 6 rows x 16 columns ran at ~1.1x the FMA peak.
+# (Zen 3): the AVX2 6 x 16 tile runs at about the FMA peak of c_harness/floors.c.
 PANEL = 16
 VARIANTS = (
     {"name": "portable", "isa": "baseline", "cpu": (), "target_macro": None,
