@@ -11,11 +11,13 @@ import sys
 
 EXPECTED_ROWS = {
     "codegen": ["effgen: export", "scikinc: export", "effgen: compile", "scikinc: compile",
+                "effgen: export + compile", "scikinc: export + compile",
                 "effgen: .so size", "scikinc: .so size"],
     "calls": ["scikinc C library, per call", "scikinc C library, batched",
               "effgen C library, per call", "effgen C library, batched",
               "TensorFlow predict, network only", "TensorFlow predict, with preprocessing",
-              "ONNX Runtime, batched", "ONNX Runtime, batch 1 per call"],
+              "ONNX Runtime, batched", "ONNX Runtime, batch 1 per call",
+              "floor: weights streamed from cache once", "floor: multiply-adds at the FMA peak"],
     "lamarr": ["scikinc library", "effgen library", "echo library (Plugin overhead)"],
     "reader": ["effgen as_tf_dataset().batch", "tf blocks .unbatch().batch",
                "original from_generator per row"],
@@ -63,3 +65,11 @@ def test_quick_bench_writes_every_row_with_positive_finite_numbers(tmp_path):
     assert ratios["notebook design (all in memory), 20,000 rows"] == 1
     assert ratios["notebook design (all in memory), 20,000 rows: peak RSS"] == 1
     assert "bench.md" in proc.stdout and "| effgen C library, per call |" in proc.stdout
+    # the effgen rows against their floors (measured in the same run), scikinC and ONNX Runtime
+    calls = {r["name"]: r for r in report["sections"]["calls"]}
+    for mode, floor in (("per call", "floor: weights streamed from cache once"),
+                        ("batched", "floor: multiply-adds at the FMA peak")):
+        vs = calls[f"effgen C library, {mode}"]["vs"]
+        assert sorted(vs) == ["floor", "onnxruntime", "scikinc"]
+        assert math.isclose(vs["floor"], calls[f"effgen C library, {mode}"]["median"] / calls[floor]["median"])
+        assert f"| effgen C library, {mode} | {vs['floor']:.2f} |" in markdown

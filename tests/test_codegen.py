@@ -286,7 +286,14 @@ def test_weights_are_printed_so_they_read_back_exactly(model):
     src, _ = generate(chain, identity)
     for op in chain.ops[:-1]:  # the Softmax has no weights
         dense = getattr(op, "dense", op)
-        for suffix, expected in (("w", dense.kernel), ("b", dense.bias)):
+        # packed as the kernels read them: panels of 16 columns, zero-padded
+        n_panels = -(-dense.n_out // 16)
+        kernel = np.zeros((dense.n_in, n_panels * 16), np.float32)
+        kernel[:, :dense.n_out] = dense.kernel
+        bias = np.zeros(n_panels * 16, np.float32)
+        bias[:dense.n_out] = dense.bias
+        packed = kernel.reshape(dense.n_in, n_panels, 16).transpose(1, 0, 2)
+        for suffix, expected in (("w", packed), ("b", bias)):
             body = re.search(rf"effgen_layer_{dense.name}_{suffix}\[[^]]*\] EFFGEN_ALIGN = \{{(.*?)\}};", src, re.S)
             values = np.array([np.float32(v.strip().rstrip("f")) for v in body.group(1).split(",")])
             np.testing.assert_array_equal(values, expected.ravel())

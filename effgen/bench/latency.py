@@ -5,7 +5,11 @@ Sections (select with --sections):
            the production flags, and the .so size.
   calls    microseconds per particle: both libraries through c_harness/timing.c (per
            call, as Lamarr calls them, and batched), TensorFlow `model.predict` on one
-           batch, ONNX Runtime on the same Keras model (one batch, and batch 1 per call).
+           batch, ONNX Runtime on the same Keras model (one batch, and batch 1 per call),
+           and this machine's two floors, measured in the same rounds by
+           c_harness/floors.c: streaming the packed weights from cache once (per call)
+           and the network's multiply-adds at the FMA peak (batched). Each effgen row
+           is also given as a ratio to its floor, to scikinC and to ONNX Runtime.
   lamarr   particles per second through SQLamarr's efficiency Plugin step with each
            library on the same synthetic events (and an "echo" library: the Plugin's
            own cost).
@@ -49,6 +53,9 @@ from effgen.provenance import vouched_default
 SECTIONS = ("codegen", "calls", "lamarr", "reader", "preprocess", "chain")
 BACKENDS = ("effgen", "scikinc")
 HARNESS = shipped_dir("c_harness", "timing.c") / "timing.c"
+FLOORS = shipped_dir("c_harness", "floors.c") / "floors.c"
+FLOOR_STREAM = "floor: weights streamed from cache once"
+FLOOR_FMA = "floor: multiply-adds at the FMA peak"
 
 
 @dataclass(frozen=True)
@@ -200,17 +207,25 @@ def build_backend(backend, model_path, pre_path, out_dir, symbol, repeats) -> di
     from effgen.codegen.native import check_library, compile_shared
 
     out_dir = Path(out_dir) / backend
-    export_s, compile_s = [], []
+    export_s, compile_s, cpu_s = [], [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = _cpu_seconds(), time.perf_counter()
         c_path = export_source(backend, model_path, pre_path, out_dir, symbol)
         export_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         so = compile_shared(c_path, out_dir / f"{symbol}.so")
         compile_s.append(time.perf_counter() - t0)
+        cpu_s.append(_cpu_seconds() - c0)
     check_library(so, symbol)
-    return {"so": so, "export_s": export_s, "compile_s": compile_s,
+    return {"so": so, "export_s": export_s, "compile_s": compile_s, "cpu_s": cpu_s,
             "so_bytes": so.stat().st_size, "c_bytes": c_path.stat().st_size}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its finished children (gcc): on
+    a loaded machine the wall-clock build time mostly measures the other processes."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def codegen_rows(builds) -> list:
@@ -218,13 +233,17 @@ def codegen_rows(builds) -> list:
 
     flags = " ".join(DEFAULT_CFLAGS)
     rows = []
-    for step, unit in (("export", "s"), ("compile", "s"), (".so size", "KiB")):
+    for step, unit in (("export", "s"), ("compile", "s"), ("export + compile", "s"), (".so size", "KiB")):
         for backend in BACKENDS:
             b = builds[backend]
             values = {"export": b["export_s"], "compile": b["compile_s"],
+                      "export + compile": [e + c for e, c in zip(b["export_s"], b["compile_s"])],
                       ".so size": [b["so_bytes"] / 1024]}[step]
             note = {"export": f"load model + generate {b['c_bytes'] / 1024:.0f} KiB of C",
-                    "compile": f"gcc {flags}", ".so size": ""}[step]
+                    "compile": f"gcc {flags}",
+                    "export + compile": f"the build, model to .so; CPU time (user + system, gcc "
+                                        f"included): median {float(np.median(b['cpu_s'])):.2f} s",
+                    ".so size": ""}[step]
             rows.append(row(f"{backend}: {step}", unit, values, note))
     for r in rows:  # each row against the scikinc row of the same step
         base = next(x for x in rows if x["name"] == "scikinc: " + r["name"].split(": ", 1)[1])
@@ -256,6 +275,57 @@ def harness_case(exe, so, symbol, inputs_path, n_rows, mode):
             raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return float(proc.stdout.split()[0])
     return once
+
+
+def build_floors(out_dir, cc="gcc") -> Path:
+    """c_harness/floors.c compiled with the library's compile flags."""
+    from effgen.config import library_compile_flags
+
+    exe = Path(out_dir) / "floors"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    tmp = exe.with_name(f".floors.{os.getpid()}.tmp")
+    cmd = [cc, *library_compile_flags(), "-o", str(tmp), str(FLOORS)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling {FLOORS} failed:\n  {shlex.join(cmd)}\n{proc.stderr}")
+    os.replace(tmp, exe)
+    return exe
+
+
+def floor_cases(exe, cost, passes) -> tuple:
+    """Two callables for interleaved(): the first runs c_harness/floors once (`passes`
+    weight streams, then as many particles' multiply-adds) and returns the stream's
+    us per pass; the second returns the FMA time per particle of that same run."""
+    cmd = [str(exe), str(cost["weight_bytes"]), str(cost["macs"]), str(passes), "1"]
+    last = {}
+
+    def stream():
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        stream_us, fma_us, isa = proc.stdout.split()[:3]
+        last.update(fma=float(fma_us), isa=isa)
+        return float(stream_us)
+
+    def fma():
+        return last.pop("fma")
+    return stream, fma, last
+
+
+def add_floor_ratios(rows):
+    """Each effgen row's time over its floor, over scikinC's and over ONNX Runtime's in
+    the same mode (per call: batch-1 calls; batched: network-only batch); below 1 is
+    faster than the other. Stored as row["vs"]."""
+    med = {r["name"]: r["median"] for r in rows}
+    pairs = {"per call": (FLOOR_STREAM, "scikinc C library, per call", "ONNX Runtime, batch 1 per call"),
+             "batched": (FLOOR_FMA, "scikinc C library, batched", "ONNX Runtime, batched")}
+    for r in rows:
+        if not r["name"].startswith("effgen C library, "):
+            continue
+        floor, sk, ort = pairs[r["name"].removeprefix("effgen C library, ")]
+        r["vs"] = {key: r["median"] / med[other] for key, other in
+                   (("floor", floor), ("scikinc", sk), ("onnxruntime", ort)) if other in med}
+    return rows
 
 
 def tf_cases(model, ct, x_raw):
@@ -332,6 +402,8 @@ def interleaved(cases: dict, repeats, label) -> dict:
 def calls_section(builds, model_path, pre_path, out_dir, sizes: Sizes, seed, symbol) -> tuple:
     import keras
 
+    from effgen.codegen.backends.effgen_c import network_cost
+    from effgen.codegen.graph import read_chain
     from effgen.provenance import load_preprocessing
 
     out_dir = Path(out_dir)
@@ -350,6 +422,14 @@ def calls_section(builds, model_path, pre_path, out_dir, sizes: Sizes, seed, sym
 
     model = keras.models.load_model(model_path, compile=False)
     ct = load_preprocessing(pre_path, model_path=model_path)
+    cost = network_cost(read_chain(model))
+    stream, fma, floor_info = floor_cases(build_floors(out_dir), cost, sizes.rows)
+    cases[FLOOR_STREAM] = stream
+    notes[FLOOR_STREAM] = (f"per-call floor: c_harness/floors.c reads the {cost['weight_bytes']:,} bytes of "
+                           f"packed weights and biases once per pass, {sizes.rows:,} passes")
+    cases[FLOOR_FMA] = fma
+    notes[FLOOR_FMA] = (f"batched floor: the network's {cost['macs']:,} multiply-adds as independent "
+                        f"vector FMA chains (c_harness/floors.c, same run as the row above)")
     net, full, x_pre = tf_cases(model, ct, x[:sizes.tf_batch])
     b = f"batch of {sizes.tf_batch:,}"
     cases["TensorFlow predict, network only"] = net
@@ -369,8 +449,11 @@ def calls_section(builds, model_path, pre_path, out_dir, sizes: Sizes, seed, sym
     except Exception as err:  # reported in the table, not hidden
         failures["ONNX Runtime"] = f"conversion or session failed: {type(err).__name__}: {err}"
     values = interleaved(cases, sizes.repeats, "calls")
+    for name in (FLOOR_STREAM, FLOOR_FMA):
+        notes[name] += f"; code path {floor_info.get('isa', '?')}"
     rows = [row(name, "us/particle", v, notes[name]) for name, v in values.items()]
-    return add_ratios(rows, "scikinc C library, per call", higher_is_better=False), failures
+    rows = add_ratios(rows, "scikinc C library, per call", higher_is_better=False)
+    return add_floor_ratios(rows), failures
 
 
 # ---- Lamarr --------------------------------------------------------------------------
@@ -730,9 +813,26 @@ def render_markdown(report) -> str:
             lines.append(f"| {r['name']} | {_fmt(r['median'], r['unit'])} | {_fmt(r['min'], r['unit'])} - "
                          f"{_fmt(r['max'], r['unit'])} | {r['unit']} | {r['ratio']:.2f} | {r['note']} |")
         lines.append("")
+        lines += _floor_lines(rows)
     for name, why in report["failures"].items():
         lines.append(f"- NOT MEASURED: {name}: {why}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _floor_lines(rows) -> list:
+    """The effgen rows against their floor, scikinC and ONNX Runtime (time ratios)."""
+    rows = [r for r in rows if "vs" in r]
+    if not rows:
+        return []
+    names = {"floor": "/ its floor", "scikinc": "/ scikinC, same mode", "onnxruntime": "/ ONNX Runtime, same mode"}
+    lines = ["effgen's time over: its floor (per call: the weight stream; batched: the FMA peak), "
+             "scikinC's and ONNX Runtime's in the same mode (per call: batch 1; batched: one batch, "
+             "network only). Below 1 is faster.", "",
+             "| case | " + " | ".join(names.values()) + " |", "|---|" + "---:|" * len(names)]
+    for r in rows:
+        lines.append(f"| {r['name']} | " + " | ".join(
+            f"{r['vs'][k]:.2f}" if k in r["vs"] else "n/a" for k in names) + " |")
+    return lines + [""]
 
 
 def write_report(report, output_dir) -> tuple:

@@ -1,12 +1,14 @@
 """The effgen C backend: a Chain (effgen.codegen.graph) plus a PreprocessingIR become one C99
 file with the Lamarr ABI (effgen.codegen.abi).
 
-Design for speed: weights are `static const float` arrays in the Keras (n_in, n_out)
-row-major layout, so a dense layer is `acc[j] += x[i] * W[i][j]` over contiguous rows
-of W, in column blocks whose accumulators stay in vector registers; sizes are
-compile-time constants. The network is rendered once per code path (portable x86-64
-and AVX2+FMA), picked at load time by an ifunc resolver inside the .so, so one
-portable library uses AVX2/FMA where present (-DEFFGEN_NO_DISPATCH turns that off).
+Design for speed: weights are `static const float` arrays packed in panels of 16
+output columns in the order the kernels read them (pack_kernel), so each layer is one
+sequential stream; a dense layer is `acc[j] = madd(x[i], W[i][j], acc[j])` for i in
+order, with a panel group's accumulators in vector registers (one row) or a tile of
+rows x columns (batches). One generic kernel per code path (sizes as arguments) keeps
+gcc's work small. The network is rendered once per code path (portable x86-64, AVX2+FMA,
+AVX-512F), picked at load time by an ifunc resolver inside the .so, so one portable
+library uses AVX2/FMA where present (-DEFFGEN_NO_DISPATCH turns that off).
 """
 
 import re
@@ -30,25 +32,28 @@ TANH_IMPLS = ("fast", "libm")
 #   target_macro   attribute macro on the path's functions; dispatch_target is its
 #                  target("...") when dispatching, native_target when the baseline
 #                  target already has the ISA (native_if, a preprocessor test)
-#   madd           the multiply-add (fmaf is one instruction where FMA is enabled)
-# and the register geometry: `row_block` columns per block of the one-row kernel (8
-# vector accumulators), and the batch tile of `tile_rows` rows x `tile_block` columns
-# (12-16 accumulators), so that each weight load serves a whole tile; blocks that
-# divide the seed width (128) avoid a slow remainder block (AVX2: 3 x 32 ran 20%
-# faster than 4 x 24 on the seed network). Measured on AMD EPYC (Zen 4).
+#   lanes, vec, pfx  floats per vector register, its type and intrinsics prefix (the
+#                  portable path is plain C: lanes 1)
+# and the register geometry, in panels of PANEL (16) output columns: the one-row kernel
+# keeps `row_panels` panels' accumulators (8 vector registers), the batch tile is
+# `tile_rows` rows x `tile_panels` panels (12-16 accumulators), so that each weight
+# load serves a whole tile. The dense kernels are generic (one per code path, sizes as
+# arguments) so gcc compiles them once, not once per layer. Measured on AMD EPYC
+# (Zen 3): the AVX2 6 x 16 tile runs at about the FMA peak of c_harness/floors.c.
+PANEL = 16
 VARIANTS = (
     {"name": "portable", "isa": "baseline", "cpu": (), "target_macro": None,
-     "native_if": None, "madd": "EFFGEN_MADD", "row_block": 32, "tile_rows": 4, "tile_block": 12},
+     "native_if": None, "lanes": 1, "row_panels": 2, "tile_rows": 4, "tile_panels": 1},
     {"name": "avx2", "isa": "avx2+fma", "cpu": ("avx2", "fma"), "target_macro": "EFFGEN_TARGET_AVX2",
      "dispatch_target": "avx2,fma", "native_target": "",
      "native_if": "defined(__AVX2__) && defined(__FMA__)",
-     "madd": "fmaf", "row_block": 64, "tile_rows": 3, "tile_block": 32},
+     "lanes": 8, "vec": "__m256", "pfx": "_mm256", "row_panels": 4, "tile_rows": 6, "tile_panels": 1},
     {"name": "avx512", "isa": "avx512f", "cpu": ("avx512f", "avx2", "fma"),
      "target_macro": "EFFGEN_TARGET_AVX512",
      "dispatch_target": "avx512f,avx2,fma,prefer-vector-width=512",
      "native_target": '__attribute__((target("prefer-vector-width=512")))',
      "native_if": "defined(__AVX512F__) && defined(__FMA__) && defined(__GNUC__) && !defined(__clang__)",
-     "madd": "fmaf", "row_block": 128, "tile_rows": 8, "tile_block": 32},
+     "lanes": 16, "vec": "__m512", "pfx": "_mm512", "row_panels": 8, "tile_rows": 8, "tile_panels": 2},
 )
 ISA_VARIANTS = tuple(v["isa"] for v in VARIANTS)
 
@@ -77,10 +82,22 @@ def c_float(v) -> str:
     v = np.float32(v)
     if not np.isfinite(v):
         raise ValueError(f"non-finite weight {v}")
-    s = "%.9g" % float(v)
+    return _c_float_text(float(v))
+
+
+def _c_float_text(v: float) -> str:
+    s = "%.9g" % v
     if not any(ch in s for ch in ".en"):
         s += ".0"
     return s + "f"
+
+
+def c_floats(values) -> list:
+    """c_float of every value, checked at once (the weight tables: ~85k values)."""
+    v = np.ravel(np.asarray(values, dtype=np.float32))
+    if not np.isfinite(v).all():
+        raise ValueError(f"non-finite weight {v[~np.isfinite(v)][0]}")
+    return [_c_float_text(x) for x in v.tolist()]
 
 
 def c_double(v) -> str:
@@ -91,7 +108,7 @@ def c_double(v) -> str:
 
 
 def c_array(values, fmt, per_line=6, indent="    ") -> str:
-    items = [fmt(v) for v in np.ravel(values)]
+    items = c_floats(values) if fmt is c_float else [fmt(v) for v in np.ravel(values)]
     lines = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
     return ",\n".join(indent + line for line in lines)
 
@@ -105,9 +122,41 @@ class _Layer:
     sym: str            # C prefix of its functions and tables, from the Keras name
     n_in: int
     n_out: int
+    n_panels: int       # ceil(n_out / PANEL)
     activation: str
-    weights: str
-    bias: str
+    weights: str        # packed (pack_kernel)
+    bias: str           # zero-padded to n_panels * PANEL
+
+
+def pack_kernel(kernel) -> np.ndarray:
+    """The (n_in, n_out) Keras kernel in the order the dense kernels read it: panels of
+    PANEL output columns (the last one zero-padded), each panel's n_in rows contiguous;
+    shape (n_panels, n_in, PANEL)."""
+    kernel = np.asarray(kernel, dtype=np.float32)
+    n_in, n_out = kernel.shape
+    n_panels = -(-n_out // PANEL)
+    padded = np.zeros((n_in, n_panels * PANEL), dtype=np.float32)
+    padded[:, :n_out] = kernel
+    return np.ascontiguousarray(padded.reshape(n_in, n_panels, PANEL).transpose(1, 0, 2))
+
+
+def pad_bias(bias) -> np.ndarray:
+    bias = np.asarray(bias, dtype=np.float32)
+    out = np.zeros(-(-len(bias) // PANEL) * PANEL, dtype=np.float32)
+    out[:len(bias)] = bias
+    return out
+
+
+def network_cost(chain: Chain) -> dict:
+    """What one particle's network costs: `macs` multiply-adds (the Keras kernels'
+    sizes) and `weight_bytes`, the packed weight and bias tables the kernels stream."""
+    macs = weight_bytes = 0
+    for op in chain.ops:
+        dense = op.dense if isinstance(op, Residual) else op
+        if isinstance(dense, Dense):
+            macs += dense.n_in * dense.n_out
+            weight_bytes += 4 * (pack_kernel(dense.kernel).size + pad_bias(dense.bias).size)
+    return {"macs": macs, "weight_bytes": weight_bytes}
 
 
 def blocks(n, width):
@@ -150,8 +199,10 @@ def _layers(chain: Chain):
         layers.append(_Layer(
             index=len(layers), kind="residual" if residual else "dense", title=title,
             sym=_layer_symbol(dense.name, len(layers), taken),
-            n_in=dense.n_in, n_out=dense.n_out, activation=dense.activation,
-            weights=c_array(dense.kernel, c_float), bias=c_array(dense.bias, c_float)))
+            n_in=dense.n_in, n_out=dense.n_out, n_panels=-(-dense.n_out // PANEL),
+            activation=dense.activation,
+            weights=c_array(pack_kernel(dense.kernel), c_float, per_line=PANEL // 2),
+            bias=c_array(pad_bias(dense.bias), c_float, per_line=PANEL // 2)))
     return layers
 
 
@@ -159,7 +210,7 @@ def _preprocessing_context(ir: PreprocessingIR):
     tables, references, outputs = [], [], []
     for o in ir.outputs:
         if o.kind != "quantile":
-            outputs.append({"kind": o.kind, "input_index": o.input_index})
+            outputs.append({"kind": o.kind, "input_index": o.input_index, "z": len(outputs)})
             continue
         col = o.quantile
         n = len(col.quantiles)
@@ -175,11 +226,15 @@ def _preprocessing_context(ir: PreprocessingIR):
                        "first_equal": c_array(first, str, per_line=12),
                        "index_type": "short" if n < 32768 else "int"})
         outputs.append({"kind": "quantile", "input_index": o.input_index, "table": len(tables) - 1,
-                        "ref": ref, "n": n})
+                        "ref": ref, "n": n, "z": len(outputs)})
     index_type = "int" if any(t["index_type"] == "int" for t in tables) else "short"
     for t in tables:
         t["index_type"] = index_type
-    return {"tables": tables, "references": references, "index_type": index_type,
+    # quantile columns with the same number of knots are searched in lockstep
+    sizes = sorted({o["n"] for o in outputs if o["kind"] == "quantile"})
+    groups = [{"n": n, "cols": [o for o in outputs if o["kind"] == "quantile" and o["n"] == n]}
+              for n in sizes]
+    return {"tables": tables, "references": references, "index_type": index_type, "qt_groups": groups,
             "ir": ir, "outputs": outputs, "f32": ir.sklearn_dtype == "float32"}
 
 
@@ -206,6 +261,17 @@ def generate_activations(tanh="fast") -> str:
     return _env().get_template("effgen/activations.c.j2").render(tanh=tanh)
 
 
+def _tanh_coefficients(tanh):
+    """[("p", [c4, .., c0]), ("q", [...])]: the scalar fast tanh's constants as C literals,
+    read from its template (one source) for the vector tanh of the AVX code paths."""
+    text = generate_activations("fast")
+    out = []
+    for name in ("p", "q"):
+        line = re.search(rf"^\s*{name} = (.*);$", text, re.M).group(1)
+        out.append((name, re.findall(r"\d[\d.]*(?:e[-+]?\d+)?f", line)))
+    return out
+
+
 def _env():
     env = template_env()
     env.globals.update(blocks=blocks, plus=plus)
@@ -229,6 +295,11 @@ def generate_core(chain: Chain, ir: PreprocessingIR, *, input_names=None, tanh="
     ctx = dict(pre, preprocessing=pre, input_names=input_names, layers=layers,
                n_inputs=ir.n_inputs, n_features=chain.n_inputs, n_outputs=n_outputs,
                softmax=chain.ends_with_softmax, max_width=max(widths),
+               stride=-(-max(widths) // PANEL) * PANEL, panel=PANEL,
+               # a residual layer of a partial panel adds x's scratch columns: keep them zero
+               padded=any(layer.kind == "residual" and layer.n_out % PANEL for layer in layers),
+               activations=sorted({"tanh", "linear"} | {layer.activation for layer in layers}),
+               tanh_coefficients=_tanh_coefficients(tanh),
                variants=_template_variants(), dispatched=_DISPATCHED, tanh=tanh,
                describe=chain.describe())
     env = _env()
