@@ -10,14 +10,19 @@ One streaming pass over the input, then one over a scratch copy:
    split (50/40/10 train/test/validation), its shard and its place in the shard; training
    rows also compete, by the same hash, for the preprocessing's fit sample (the
    `max_fit_rows` of lowest priority: a uniform subsample of the whole input, not its
-   first rows). Rows are spilled, unprocessed, to one scratch file per shard;
+   first rows). Rows are spilled, unprocessed, to one scratch piece per (shard, chunk);
 2. the preprocessing (DOMAIN.md section 2's ColumnTransformer: a normal-output
    QuantileTransformer on the 8 continuous features, passthrough on the 4 flags) is
-   fitted on that sample; each scratch file is then read, ordered by its rows' hash (a
-   seeded shuffle), transformed and written as one shard.
+   fitted on that sample; each shard's pieces are then read (in input order), ordered by
+   their rows' hash (a seeded shuffle), transformed and written as one shard.
 So each shard is a random subset of the whole sample in random order, and an input
 sorted by momentum or by event trains like a shuffled one. Peak memory is one input
-chunk, the fit sample and one shard, whatever the input size.
+chunk, the fit sample and one shard per worker, whatever the input size.
+
+Chunks (pass 1) and shards (pass 2) are tasks run by effgen.data.parallel: in parallel
+with dask (`workers`, default one per CPU; threads, since numpy, uproot and Arrow release
+the GIL) or one after the other in this process (`workers=1`, no dask). Their results
+are merged in input order, so the outputs are byte for byte the same either way.
 
 Each split directory holds `part-NNNNN.feather` shards with the PREPROCESSED features
 under the feature names, the raw one-hot labels, and extra columns: the raw features
