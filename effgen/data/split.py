@@ -118,7 +118,7 @@ def bottom_k(k: int, *samples: FitSample) -> FitSample:
     # The k-th priority may be shared: the lowest row_ids among those rows go in.
     keep[tied[np.argsort(ids[tied], kind="stable")[: k - int(np.count_nonzero(keep))]]] = True
     keep = np.flatnonzero(keep)
-    return FitSample(pri[keep], ids[keep], rows[keep])
+    return FitSample(pri[keep], ids[keep], np.take(rows, keep, axis=0))  # take: 3x rows[keep]
 
 
 def sample_rows(sample: FitSample) -> np.ndarray:
@@ -127,4 +127,4 @@ def sample_rows(sample: FitSample) -> np.ndarray:
     ranked = sample.priority[order]
     if len(ranked) > 1 and bool((ranked[1:] == ranked[:-1]).any()):
         order = np.lexsort((sample.row_id, sample.priority))
-    return sample.rows[order]
+    return np.take(sample.rows, order, axis=0)
