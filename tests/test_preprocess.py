@@ -176,8 +176,19 @@ def test_fast_interpolation_is_np_interp_bit_for_bit():
             rng.uniform(q[0] - 1, q[-1] + 1, 50_000).astype(np.float32),
             rng.choice(k32, 50_000)]).astype(np.float32)
         x = probe.astype(np.float64)
-        np.testing.assert_array_equal(f(probe, x).view(np.int64),
-                                      np.interp(x, q, refs[:len(q)]).view(np.int64))
+        expected = np.interp(x, q, refs[:len(q)])
+        np.testing.assert_array_equal(f(probe, x).view(np.int64), expected.view(np.int64))
+        # With QuantileTransformer's clamping folded in, probed around q[0] +- 1e-7 too.
+        clamped = preprocess._Interp(q, refs[:len(q)], bound=1e-7)
+        assert clamped.ok
+        ends = np.float32([q[0] - 1e-7, q[0] + 1e-7, q[-1] - 1e-7, q[-1] + 1e-7, q[0], q[-1]])
+        near = np.concatenate([ends + np.float32(d) * np.spacing(ends) for d in range(-40, 41)])
+        probe = np.concatenate([probe, near]).astype(np.float32)
+        x = probe.astype(np.float64)
+        expected = np.interp(x, q, refs[:len(q)])
+        expected[x + 1e-7 > q[-1]] = 1
+        expected[x - 1e-7 < q[0]] = 0
+        np.testing.assert_array_equal(clamped(probe).view(np.int64), expected.view(np.int64))
     assert not preprocess._Interp(np.array([0.0, 1.0, 1.0, 2.0]), refs[:4]).ok  # repeated knots
 
 
@@ -242,12 +253,16 @@ def test_refuses_to_overwrite_without_force(small_sample, tmp_path):
 
 
 def _failing_writer(monkeypatch, fail_at):
-    calls = []
+    import threading
+
+    calls, lock = [], threading.Lock()  # shards may be written by several threads
     real = preprocess._write_shard
 
     def writer(table, path):
-        calls.append(path)
-        if len(calls) == fail_at:
+        with lock:
+            calls.append(path)
+            n = len(calls)
+        if n == fail_at:
             raise OSError("disk full (simulated)")
         real(table, path)
 
@@ -255,21 +270,24 @@ def _failing_writer(monkeypatch, fail_at):
     return calls
 
 
-def test_failure_midway_leaves_no_output(small_sample, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failure_midway_leaves_no_output(small_sample, tmp_path, monkeypatch, workers):
     calls = _failing_writer(monkeypatch, fail_at=4)  # train has 3 shards: fails in test
     with pytest.raises(OSError, match="simulated"):
-        _run(small_sample, tmp_path)
-    assert len(calls) == 4
+        _run(small_sample, tmp_path, workers=workers)
+    # In parallel, the shard being written beside the failing one may still be written.
+    assert len(calls) == 4 if workers == 1 else 4 <= len(calls) <= 4 + workers - 1
     assert not (tmp_path / "data").exists()  # no split dir, no temporaries, no empty dir
     assert not (tmp_path / "model" / "tX.pkl").exists()
 
 
-def test_failure_midway_with_force_keeps_old_output(small_sample, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failure_midway_with_force_keeps_old_output(small_sample, tmp_path, monkeypatch, workers):
     _run(small_sample, tmp_path)
     before = _snapshot(tmp_path)
     _failing_writer(monkeypatch, fail_at=6)
     with pytest.raises(OSError, match="simulated"):
-        _run(small_sample, tmp_path, seed=9, force=True)
+        _run(small_sample, tmp_path, seed=9, force=True, workers=workers)
     assert _snapshot(tmp_path) == before
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(SPLITS + [preprocess.REPORT])
 
@@ -368,21 +386,27 @@ def test_cli_defaults(monkeypatch, tmp_path):
 
 
 def test_bottom_k_and_argsort_stable_match_plain_numpy():
-    """BottomK's buffered merges keep the k lowest priorities whatever the offers'
-    sizes; argsort_stable is np.argsort(kind="stable"), ties included."""
+    """bottom_k keeps the k lowest (priority, row_id) whatever the cuts and the merge
+    order, ties included; sample_rows orders them so; argsort_stable is
+    np.argsort(kind="stable"), ties included."""
     from effgen.data import split
 
     rng = np.random.default_rng(5)
+    for pri in (rng.integers(0, 2**64 - 1, 40_000, dtype=np.uint64),
+                rng.integers(0, 300, 40_000).astype(np.uint64)):  # many ties
+        ids = rng.permutation(40_000).astype(np.int64)
+        rows = rng.random((40_000, 3)).astype(np.float32)
+        expected = rows[np.lexsort((ids, pri))]
+        for k in (1, 7, 999, 39_999, 40_000, 10**6):
+            cuts = np.sort(rng.integers(0, 40_000, 30))
+            parts = [split.bottom_k(k, split.FitSample(pri[lo:hi], ids[lo:hi], rows[lo:hi]))
+                     for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, 40_000])]
+            rng.shuffle(parts)
+            merged = split.bottom_k(k, *parts[:10])
+            merged = split.bottom_k(k, *parts[20:], merged, *parts[10:20])
+            np.testing.assert_array_equal(split.sample_rows(merged), expected[:k])
+            assert len(merged.priority) == min(k, 40_000)
     pri = rng.integers(0, 2**64 - 1, 40_000, dtype=np.uint64)
-    rows = rng.random((40_000, 3)).astype(np.float32)
-    expected = rows[np.argsort(pri, kind="stable")]
-    for k in (1, 7, 999, 39_999, 40_000, 10**6):
-        bk = split.BottomK(k, 3)
-        cuts = np.sort(rng.integers(0, 40_000, 30))
-        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, 40_000]):
-            bk.offer(pri[lo:hi], rows[lo:hi])
-        np.testing.assert_array_equal(bk.sample(), expected[:k])
-        assert len(bk.priority) == min(k, 40_000)
     tied = rng.integers(0, 50, 10_000).astype(np.uint64)
     np.testing.assert_array_equal(split.argsort_stable(tied), np.argsort(tied, kind="stable"))
     np.testing.assert_array_equal(split.argsort_stable(pri), np.argsort(pri, kind="stable"))

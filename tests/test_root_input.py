@@ -141,6 +141,39 @@ def test_chunk_size_and_file_count_do_not_change_the_output(reference, arrays, t
     assert_same_shards(reference, tmp_path / "spaced")
 
 
+def _output_bytes(out):
+    return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_dask_workers_give_byte_identical_outputs(arrays, tmp_path):
+    """Several files, several chunk sizes: dask with 2 or 3 threads, or 2 processes,
+    writes exactly the single-process run's bytes (shards, definitions.json, tX.pkl,
+    preprocess.json)."""
+    cuts = [0, 2500, 2501, 9000, 12_000]
+    files = [write_root(tmp_path / f"part{k}.root", take(arrays, slice(lo, hi)), chunk=1000)
+             for k, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:]))]
+    for step, runs in ((700, [(2, "threads"), (3, "threads")]),
+                       (4096, [(2, "threads"), (2, "processes")])):
+        single = tmp_path / f"single-{step}"
+        run(files, single, step_size=step, workers=1)
+        expected = _output_bytes(single)
+        assert len([p for p in expected if p.suffix == ".feather"]) > 3
+        for workers, scheduler in runs:
+            out = tmp_path / f"{scheduler}-{workers}-{step}"
+            run(files, out, step_size=step, workers=workers, scheduler=scheduler)
+            assert _output_bytes(out) == expected, (workers, scheduler, step)
+
+
+def test_single_process_path_does_not_use_dask(arrays, tmp_path):
+    path = write_root(tmp_path / "t.root", take(arrays, slice(0, 3000)))
+    code = ("import sys; from effgen.data import preprocess; "
+            f"preprocess.preprocess({str(path)!r}, {str(tmp_path / 'data')!r}, "
+            f"{str(tmp_path / 'tX.pkl')!r}, 1, shard_rows=1500, progress=False, workers=1); "
+            "assert 'dask' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "data" / "train" / "part-00000.feather").exists()
+
+
 def test_sorted_input_gives_the_same_shuffled_shards(reference, arrays, tmp_path):
     """A tuple sorted by momentum: same rows in every split, every shard and every place
     in a shard (only row_id, the input position, differs), same preprocessing. So each
@@ -171,6 +204,38 @@ def test_fit_sample_is_drawn_from_the_whole_input(arrays, tmp_path):
     all_logp = np.sort(np.log10(arrays["mc_p"]))
     assert abs(np.median(q) - np.median(all_logp)) < 0.05
     assert q[-1] > all_logp[int(0.99 * len(all_logp))]
+
+
+@pytest.mark.parametrize("dropped", [0.0, 0.9])
+def test_fit_candidates_bound_is_exact(arrays, tmp_path, monkeypatch, dropped):
+    """Chunks offer only training rows below a priority bound (far fewer rows merged);
+    the fit sample, so tX.pkl, is the one every training row competing gives, also when
+    most rows are dropped and too few pass the bound (then the candidates are gathered
+    again without it)."""
+    data = {c: v.copy() for c, v in arrays.items()}
+    data["mc_pz"][np.random.default_rng(3).random(len(data["mc_pz"])) < dropped] *= -1
+    path = write_root(tmp_path / "t.root", data)
+    bounds = []
+    real = preprocess._fit_bound
+    monkeypatch.setattr(preprocess, "_fit_bound", lambda *a: bounds.append(real(*a)) or bounds[-1])
+    gathered = []
+    real_chunk = preprocess._spill_chunk
+
+    def chunk(job):
+        gathered.append((job.spill, job.fit_bound))
+        return real_chunk(job)
+
+    monkeypatch.setattr(preprocess, "_spill_chunk", chunk)
+    for workers in (1, 2):
+        run(path, tmp_path / f"bound-{workers}", max_fit_rows=500, step_size=1000, workers=workers)
+    assert bounds[0] is not None and bounds[0] < 2**63  # a third of the priorities
+    again = [g for g in gathered if not g[0]]
+    assert bool(again) == (dropped > 0) and all(b is None for _, b in again)
+    monkeypatch.setattr(preprocess, "_fit_bound", lambda *a: None)
+    run(path, tmp_path / "all", max_fit_rows=500, step_size=1000, workers=1)
+    for workers in (1, 2):
+        assert (tmp_path / f"bound-{workers}" / "tX.pkl").read_bytes() == (tmp_path / "all" / "tX.pkl").read_bytes()
+        assert _output_bytes(tmp_path / f"bound-{workers}" / "data") == _output_bytes(tmp_path / "all" / "data")
 
 
 def test_without_key_branches_the_split_hashes_the_values(arrays, tmp_path):

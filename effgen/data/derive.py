@@ -37,13 +37,15 @@ class Counts:
         self.entries = 0
         self.dropped = {"acceptance > 1": 0, "mc_pz <= 0": 0, "mc_charge == 0": 0}
         self.types = {}
-        self.bad = {}  # {file: {problem: [count, first entry, first value]}}, see note_bad
+        # {file: {problem: [count, first entry, first value, rank]}}, see note_bad
+        self.bad = {}
 
-    def note_bad(self, file, problem, mask, first_entry, values):
-        """Count the rows of `mask` under `problem` for `file`, remembering the first."""
+    def note_bad(self, file, problem, mask, first_entry, values, rank=0):
+        """Count the rows of `mask` under `problem` for `file`, remembering the first.
+        Problems are reported by `rank`, so in the same order however the file is chunked."""
         k = int(mask.sum())
         if k:
-            entry = self.bad.setdefault(str(file), {}).setdefault(problem, [0, None, None])
+            entry = self.bad.setdefault(str(file), {}).setdefault(problem, [0, None, None, rank])
             if entry[1] is None:
                 first = int(np.argmax(mask))
                 entry[1], entry[2] = first_entry + first, values(first)
@@ -54,9 +56,23 @@ class Counts:
         over the whole file and the first entry."""
         problems = self.bad.get(str(file))
         if problems:
+            ranked = sorted(problems.items(), key=lambda item: item[1][3])
             raise DataError(f"{file}: " + "; ".join(
                 f"{what.format(count=count)} (first at entry {first}: {value})"
-                for what, (count, first, value) in problems.items()))
+                for what, (count, first, value, _) in ranked))
+
+    def merge(self, other: "Counts"):
+        """Add the counts of `other` (a later part of the input: the first bad entries
+        noted here stay first)."""
+        self.entries += other.entries
+        for why, k in other.dropped.items():
+            self.dropped[why] = self.dropped.get(why, 0) + k
+        for c, k in other.types.items():
+            self.types[c] = self.types.get(c, 0) + k
+        for file, problems in other.bad.items():
+            mine = self.bad.setdefault(file, {})
+            for problem, (count, first, value, rank) in problems.items():
+                mine.setdefault(problem, [0, first, value, rank])[0] += count
 
     def add_types(self, types):
         codes, counts = np.unique(types, return_counts=True)
@@ -66,7 +82,7 @@ class Counts:
     @property
     def kept(self):
         return self.entries - sum(self.dropped.values()) - sum(
-            k for problems in self.bad.values() for k, _, _ in problems.values())
+            entry[0] for problems in self.bad.values() for entry in problems.values())
 
     def unknown_types(self) -> dict:
         return {c: k for c, k in sorted(self.types.items()) if c not in KNOWN_TYPES}
@@ -93,14 +109,14 @@ def _bad_values(chunk, counts, file, first_entry):
     probabilities summing to 1: noted in counts (the caller raises once the file is read,
     with counts over the whole file) and returned as a mask."""
     invalid = np.zeros(len(chunk["mc_pz"]), dtype=bool)
-    for name in [c for c in REQUIRED + OPTIONAL if c in chunk]:
-        v = np.asarray(chunk[name])
-        if v.dtype.kind == "f":
+    for rank, name in enumerate(REQUIRED + OPTIONAL):
+        v = np.asarray(chunk[name]) if name in chunk else None
+        if v is not None and v.dtype.kind == "f":
             if np.isfinite(v).all():  # the usual case: nothing to note or mask
                 continue
             bad = ~np.isfinite(v)
             counts.note_bad(file, f"branch '{name}' has {{count}} non-finite values", bad, first_entry,
-                            lambda i, v=v: v[i])
+                            lambda i, v=v: v[i], rank)
             invalid |= bad
     if all(c in chunk for c in schema.TRUTH):
         truth = np.stack([np.asarray(chunk[c], dtype=np.float64) for c in schema.TRUTH], axis=1)
@@ -109,7 +125,8 @@ def _bad_values(chunk, counts, file, first_entry):
             bad |= np.abs(truth.sum(axis=1) - 1.0) > TRUTH_SUM_TOLERANCE
         bad &= ~invalid
         counts.note_bad(file, f"truth columns {schema.TRUTH} are not probabilities summing to 1 in "
-                              "{count} rows", bad, first_entry, lambda i: truth[i].tolist())
+                              "{count} rows", bad, first_entry, lambda i: truth[i].tolist(),
+                        len(REQUIRED + OPTIONAL))
         invalid |= bad
     return invalid
 
@@ -120,6 +137,26 @@ def check_truth(where, truth):
     _bad_values(dict(zip(schema.TRUTH, np.asarray(truth).T), mc_pz=np.ones(len(truth))),
                 counts, where, 0)
     counts.raise_bad(where)
+
+
+def species_flags(pid: np.ndarray, out=None) -> np.ndarray:
+    """(3, n) float32 mc_is_e, mc_is_mu, mc_is_h from the pids."""
+    abs_id = np.abs(np.asarray(pid, dtype=np.int64))
+    out = np.empty((3, len(abs_id)), np.float32) if out is None else out
+    out[0] = abs_id == 11
+    out[1] = abs_id == 13
+    out[2] = np.isin(abs_id, HADRONS)
+    return out
+
+
+def track_labels(types: np.ndarray) -> np.ndarray:
+    """(4, n) float32 one-hot LABELS from the track types (anything but 3, 4, 5 is
+    not_recoed)."""
+    labels = np.zeros((len(schema.LABELS), len(types)), dtype=np.float32)
+    for j, code in enumerate((3, 4, 5), start=1):
+        labels[j] = types == code
+    labels[0] = labels[1:].sum(axis=0) == 0
+    return labels
 
 
 def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
@@ -152,7 +189,6 @@ def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
 
     f32 = np.float32
     pz = col("mc_pz")
-    abs_id = np.abs(col("mcID", np.int64))
     # Column-major (12, n): each feature is contiguous for the column-wise writers.
     features = np.empty((len(schema.FEATURES), len(pz)), dtype=f32)
     features[0] = col("mc_x")
@@ -164,9 +200,7 @@ def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
     features[5] = col("mc_py") / pz
     features[6] = col("mc_eta")
     features[7] = col("mc_phi")
-    features[8] = abs_id == 11
-    features[9] = abs_id == 13
-    features[10] = np.isin(abs_id, HADRONS)
+    species_flags(col("mcID", np.int64), out=features[8:11])
     features[11] = col("mc_charge")
     bad = ~np.isfinite(features).all(axis=0)  # e.g. mc_p = 0, or px / pz overflowing
     if bad.any():
@@ -179,10 +213,7 @@ def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
 
     types = col("type", np.int32)
     counts.add_types(types)
-    labels = np.zeros((len(schema.LABELS), len(pz)), dtype=f32)
-    for j, code in enumerate((3, 4, 5), start=1):
-        labels[j] = types == code
-    labels[0] = labels[1:].sum(axis=0) == 0
+    labels = track_labels(types)
 
     extra = {schema.PID: col("mcID", np.int32), "acceptance": col("acceptance", np.int32),
              "type": types}

@@ -10,14 +10,19 @@ One streaming pass over the input, then one over a scratch copy:
    split (50/40/10 train/test/validation), its shard and its place in the shard; training
    rows also compete, by the same hash, for the preprocessing's fit sample (the
    `max_fit_rows` of lowest priority: a uniform subsample of the whole input, not its
-   first rows). Rows are spilled, unprocessed, to one scratch file per shard;
+   first rows). Rows are spilled, unprocessed, to one scratch piece per (shard, chunk);
 2. the preprocessing (DOMAIN.md section 2's ColumnTransformer: a normal-output
    QuantileTransformer on the 8 continuous features, passthrough on the 4 flags) is
-   fitted on that sample; each scratch file is then read, ordered by its rows' hash (a
-   seeded shuffle), transformed and written as one shard.
+   fitted on that sample; each shard's pieces are then read (in input order), ordered by
+   their rows' hash (a seeded shuffle), transformed and written as one shard.
 So each shard is a random subset of the whole sample in random order, and an input
 sorted by momentum or by event trains like a shuffled one. Peak memory is one input
-chunk, the fit sample and one shard, whatever the input size.
+chunk, the fit sample and one shard per worker, whatever the input size.
+
+Chunks (pass 1) and shards (pass 2) are tasks run by effgen.data.parallel: in parallel
+with dask (`workers`, default one per CPU; threads, since numpy, uproot and Arrow release
+the GIL) or one after the other in this process (`workers=1`, no dask). Their results
+are merged in input order, so the outputs are byte for byte the same either way.
 
 Each split directory holds `part-NNNNN.feather` shards with the PREPROCESSED features
 under the feature names, the raw one-hot labels, and extra columns: the raw features
@@ -36,6 +41,7 @@ import pickle
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -43,9 +49,21 @@ import pyarrow.ipc as ipc
 
 from effgen import schema
 from effgen.atomic import atomic_file, atomic_outputs, scratch_dir
-from effgen.config import add_knob, default_paths
+from effgen.config import add_knob, default_paths, positive_int
 from effgen.data import split as rowsplit
-from effgen.data.derive import KEY, KEY_WITH, PASSED, REQUIRED, TREE, Counts, derive
+from effgen.data.columnar import record_batch, to_arrow, to_numpy
+from effgen.data.derive import (
+    KEY,
+    KEY_WITH,
+    PASSED,
+    REQUIRED,
+    TREE,
+    Counts,
+    derive,
+    species_flags,
+    track_labels,
+)
+from effgen.data.parallel import SCHEDULERS, Runner
 from effgen.data.reader import DataError, write_definitions
 from effgen.data.sources import DEFAULT_STEP, expand_inputs, open_inputs
 from effgen.errors import (
@@ -58,6 +76,9 @@ RAW_PREFIX = "raw_"
 ROW_ID = "row_id"
 ORDER = "_order"  # scratch-only: the row's place in its shard
 RAW = [RAW_PREFIX + c for c in schema.FEATURES]
+# mc_is_e, mc_is_mu, mc_is_h: derived from the pid again in pass 2, not spilled.
+FLAGS = slice(len(schema.CONTINUOUS_FEATURES), len(schema.CONTINUOUS_FEATURES) + 3)
+SPILLED_FEATURES = [j for j in range(len(schema.FEATURES)) if not FLAGS.start <= j < FLAGS.stop]
 N_CONTINUOUS = len(schema.CONTINUOUS_FEATURES)
 N_FEATURES = len(schema.FEATURES)
 REPORT = "preprocess.json"
@@ -107,8 +128,9 @@ def fit_preprocessing(X_raw: np.ndarray, seed: int):
     return ct
 
 
-def transform(ct, X_raw: np.ndarray) -> np.ndarray:
-    """ct.transform(X_raw) as float32, faster for what fit_preprocessing builds.
+def transform(ct, X_raw: np.ndarray, threads=None) -> np.ndarray:
+    """ct.transform(X_raw) as float32, faster for what fit_preprocessing builds, with
+    `threads` (default: one per CPU) transforming columns at once.
 
     Same arithmetic as scikit-learn's QuantileTransformer (normal output), without its
     per-call overheads, and with ONE interpolation per column whose quantiles are strictly
@@ -116,39 +138,35 @@ def transform(ct, X_raw: np.ndarray) -> np.ndarray:
     only differ, in the last bits, where quantiles repeat; such columns still get both).
     Anything else is handed to ct.transform."""
     from scipy.special import ndtri
-    from sklearn.preprocessing import QuantileTransformer
 
-    spec, steps = getattr(ct, "transformers", []), getattr(ct, "transformers_", [])
-    quantile = steps[0][1] if steps else None
-    if not (len(spec) == 2 and isinstance(quantile, QuantileTransformer)
-            and quantile.output_distribution == "normal"
-            and list(spec[0][2]) == list(range(N_CONTINUOUS)) and spec[1][1] == "passthrough"
-            and list(spec[1][2]) == list(range(N_CONTINUOUS, N_FEATURES))
-            and getattr(ct, "remainder", None) == "drop"):
+    quantile = _quantile_step(ct)
+    if quantile is None:
         return ct.transform(np.asarray(X_raw, dtype=np.float64)).astype(np.float32)
-    bound = 1e-7  # sklearn.preprocessing._data.BOUNDS_THRESHOLD
+    bound = BOUNDS_THRESHOLD
     clip_lo, clip_hi = ndtri(bound - np.spacing(1)), ndtri(1 - (bound - np.spacing(1)))
     refs = quantile.references_
     out = np.empty((N_FEATURES, len(X_raw)), dtype=np.float32).T  # column-major: contiguous columns
     fast = _interpolators(quantile) if X_raw.dtype == np.float32 else [None] * N_CONTINUOUS
 
     def column(j):
-        q = quantile.quantiles_[:, j]
-        x = X_raw[:, j].astype(np.float64)
-        if fast[j] is not None and np.isfinite(x).all():
-            y = fast[j](X_raw[:, j], x)  # == np.interp(x, q, refs), bit for bit
+        x32 = X_raw[:, j]
+        # float32 sums cannot overflow float64: a finite sum means finite values.
+        if fast[j] is not None and math.isfinite(x32.sum(dtype=np.float64)):
+            y = fast[j](x32)  # np.interp and the clamping below in one table lookup
         else:
+            q = quantile.quantiles_[:, j]
+            x = x32.astype(np.float64)
             y = np.interp(x, q, refs)
             if not np.all(q[1:] > q[:-1]):
                 y = 0.5 * (y - np.interp(-x, -q[::-1], -refs[::-1]))
-        y[x + bound > q[-1]] = 1
-        y[x - bound < q[0]] = 0
+            y[x + bound > q[-1]] = 1
+            y[x - bound < q[0]] = 0
         y = ndtri(y, out=y)
         out[:, j] = np.clip(y, clip_lo, clip_hi, out=y)
 
     # Columns are independent and np.interp / ndtri release the GIL: one thread per core,
     # each writing its own columns of `out` (the same arithmetic as one at a time).
-    workers = _threads()
+    workers = _threads() if threads is None else threads
     if workers > 1 and len(X_raw) >= 50_000:
         with ThreadPoolExecutor(min(workers, N_CONTINUOUS)) as pool:
             list(pool.map(column, range(N_CONTINUOUS)))
@@ -159,8 +177,37 @@ def transform(ct, X_raw: np.ndarray) -> np.ndarray:
     return out
 
 
+def _quantile_step(ct):
+    """The normal-output QuantileTransformer of a ColumnTransformer laid out as
+    fit_preprocessing lays it out (transform's fast path), or None."""
+    from sklearn.preprocessing import QuantileTransformer
+
+    spec, steps = getattr(ct, "transformers", []), getattr(ct, "transformers_", [])
+    quantile = steps[0][1] if steps else None
+    if (len(spec) == 2 and isinstance(quantile, QuantileTransformer)
+            and quantile.output_distribution == "normal"
+            and list(spec[0][2]) == list(range(N_CONTINUOUS)) and spec[1][1] == "passthrough"
+            and list(spec[1][2]) == list(range(N_CONTINUOUS, N_FEATURES))
+            and getattr(ct, "remainder", None) == "drop"):
+        return quantile
+    return None
+
+
+def transform_tables(ct):
+    """Build transform's lookup tables for `ct` now (they are cached per fitted
+    transformer): before tasks on several threads transform with it."""
+    quantile = _quantile_step(ct)
+    if quantile is not None:
+        _interpolators(quantile)
+
+
+BOUNDS_THRESHOLD = 1e-7  # sklearn.preprocessing._data.BOUNDS_THRESHOLD
+
+
 class _Interp:
-    """np.interp(x, q, refs) for float32 x (as float64), bit for bit, a few times faster.
+    """np.interp(x, q, refs) for float32 x (as float64), bit for bit, a few times faster;
+    with `bound`, QuantileTransformer's clamping too: 1 where x + bound > q[-1], then 0
+    where x - bound < q[0] (float64 sums).
 
     np.interp binary-searches q for each x (a branch mispredicted per level) and returns
     refs[j] + 0 or slope[j] * (x - q[j]) + refs[j] with slope[j] = (refs[j+1] - refs[j]) /
@@ -170,10 +217,13 @@ class _Interp:
     count of t[j] <= x is a table lookup on the top bits of x's key (the boundaries below
     its cell) plus a few vectorised steps (the boundaries inside the cell, at most
     `maxcnt`). Then the same formula, in float64, with slope 0 and the end values padded
-    on either side (0 * (x - q) + refs[end] is refs[end] exactly). Only for strictly
-    increasing, finite q, refs and slopes (`ok`); callers check x is finite."""
+    on either side (0 * (x - q) + refs[end] is refs[end] exactly). The clamping is
+    monotone in x, so it holds beyond two float32 keys found by bisection: two more
+    segments (slope 0, value 0 or 1) replace the boundaries beyond them. Only for
+    strictly increasing, finite q, refs and slopes (`ok`); callers check x is finite."""
 
     CELL_BITS = 20  # lookup table of at most 2**20 int16 entries per column
+    KEY_MIN, KEY_MAX = 0x00800000, 0xFF7FFFFF  # keys of the lowest and highest finite float32
 
     @staticmethod
     def keys(x32: np.ndarray) -> np.ndarray:
@@ -181,7 +231,26 @@ class _Interp:
         b = (x32 + np.float32(0)).view(np.uint32)
         return b ^ ((b >> np.uint32(31)) * np.uint32(0x7FFFFFFF) | np.uint32(0x80000000))
 
-    def __init__(self, q, refs):
+    @staticmethod
+    def value(key: int) -> float:
+        """The float32 of a key (the inverse of keys), as a Python float."""
+        bits = key ^ 0x80000000 if key >= 0x80000000 else key ^ 0xFFFFFFFF
+        return float(np.array(bits, np.uint32).view(np.float32))
+
+    @classmethod
+    def first_key(cls, holds) -> int:
+        """The lowest finite float32 key where `holds` (false, then true, as x grows), or
+        KEY_MAX + 1 (the key of +inf) if none."""
+        lo, hi = cls.KEY_MIN, cls.KEY_MAX
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if holds(cls.value(mid)):
+                hi = mid - 1
+            else:
+                lo = mid + 1
+        return lo
+
+    def __init__(self, q, refs, bound=None):
         q, refs = np.asarray(q, np.float64), np.asarray(refs, np.float64)
         n = len(q)
         self.ok = (n >= 2 and len(refs) == n and bool(np.all(q[1:] > q[:-1]))
@@ -197,21 +266,39 @@ class _Interp:
         low = t.astype(np.float64) < q
         t[low] = np.nextafter(t[low], np.float32(np.inf))
         tk = self.keys(t)
+        # Segment c (c boundaries at or below x): y = (x - qs[c]) * s[c] + r[c].
+        s = np.concatenate([[0.0], slopes, [0.0]])
+        qs = np.concatenate([[q[0]], q[:-1], [q[-1]]])
+        r = np.concatenate([[refs[0]], refs[:-1], [refs[-1]]])
+        if bound is not None:
+            q0, q1 = float(q[0]), float(q[-1])
+            one = self.first_key(lambda x: x + bound > q1)  # y = 1 from this key on
+            zero = self.first_key(lambda x: not x - bound < q0) - 1  # y = 0 up to this key
+            if not zero < one:  # the clamps overlap: not worth a table
+                self.ok = False
+                return
+            c0 = int(np.searchsorted(tk, zero + 1, side="right"))
+            inner = tk[(tk > zero + 1) & (tk < one)]
+            tk = np.concatenate([[zero + 1], inner, [one]]).astype(np.uint32)
+            cut = slice(c0, c0 + len(inner) + 1)
+            s = np.concatenate([[0.0], s[cut], [0.0]])
+            qs = np.concatenate([[0.0], qs[cut], [0.0]])
+            r = np.concatenate([[0.0], r[cut], [1.0]])
+        self.s, self.q, self.r = s, qs, r
         self.k0 = tk[0]
         span = int(tk[-1]) - int(tk[0]) + 1
         self.shift = np.uint32(max(0, span.bit_length() - self.CELL_BITS))
         cell = (tk - tk[0]) >> self.shift
         counts = np.bincount(cell, minlength=int(cell[-1]) + 1)
         self.maxcnt = int(counts.max())
-        base = np.zeros(len(counts), np.int16 if n < 32_000 else np.int64)
+        base = np.zeros(len(counts), np.int16 if len(tk) < 32_000 else np.int64)
         np.cumsum(counts[:-1], out=base[1:])
         self.base, self.last = base, np.uint32(len(counts) - 1)
         self.tk = np.append(tk, np.uint32(0xFFFFFFFF))  # read only for keys in the last cell
-        self.s = np.concatenate([[0.0], slopes, [0.0]])
-        self.q = np.concatenate([[q[0]], q[:-1], [q[-1]]])
-        self.r = np.concatenate([[refs[0]], refs[:-1], [refs[-1]]])
 
-    def __call__(self, x32: np.ndarray, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x32: np.ndarray, x: np.ndarray = None) -> np.ndarray:
+        """float64 results for the finite float32 values x32 (x: ignored, their float64
+        copy in older callers)."""
         k = self.keys(x32)
         c = np.maximum(k, self.k0)
         c -= self.k0
@@ -220,7 +307,7 @@ class _Interp:
         cnt = self.base[c].astype(np.intp)  # boundaries below x's cell
         for _ in range(self.maxcnt):  # and those in it, up to x
             cnt += self.tk[cnt] <= k
-        y = x - self.q[cnt]  # cnt = j + 1
+        y = np.subtract(x32, self.q[cnt], dtype=np.float64)  # float32 -> float64 is exact
         y *= self.s[cnt]
         y += self.r[cnt]
         return y
@@ -238,7 +325,7 @@ def _interpolators(quantile) -> list:
         return cached[2]
     fast = []
     for j in range(N_CONTINUOUS):
-        f = _Interp(q[:, j], refs)
+        f = _Interp(q[:, j], refs, bound=BOUNDS_THRESHOLD)
         fast.append(f if f.ok else None)
     _INTERPOLATORS[quantile] = (q.copy(), refs.copy(), fast)
     return fast
@@ -262,30 +349,6 @@ def _write_shard(table: pa.Table, path: Path):
         writer.write_table(table)
 
 
-class _Spill:
-    """One scratch Arrow stream per (split, bucket), opened on first use."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.writers = {}
-
-    def path(self, split, bucket):
-        return self.root / f"{split}-{bucket:05d}.arrows"
-
-    def write(self, split, bucket, batch: pa.RecordBatch):
-        key = (split, bucket)
-        if key not in self.writers:
-            sink = pa.OSFile(str(self.path(split, bucket)), "wb")
-            self.writers[key] = (sink, ipc.new_stream(sink, batch.schema))
-        self.writers[key][1].write_batch(batch)
-
-    def close(self):
-        for sink, writer in self.writers.values():
-            writer.close()
-            sink.close()
-        self.writers = {}
-
-
 def _bucket_counts(total, shard_rows) -> dict:
     """Shards per split, from the entry count known before reading (a shard then holds
     about shard_rows rows)."""
@@ -293,51 +356,132 @@ def _bucket_counts(total, shard_rows) -> dict:
             for name, frac in SPLITS.items()}
 
 
-def _spill_chunk(spill, d, row_ids, h, n_buckets):
-    """Send each row of a derived chunk to its (split, bucket) scratch file."""
-    names = list(SPLITS)
+class _Chunk:
+    """Pass 1's task: entries [start, stop) of one input file. `index` numbers the chunks
+    in input order (it orders the scratch pieces of each shard like the input)."""
+
+    def __init__(self, index, source, start, stop, offset, key, seed, group_offsets, fit_rows,
+                 scratch, fit_bound):
+        self.index, self.source, self.start, self.stop = index, source, start, stop
+        self.offset, self.key, self.seed = offset, key, seed  # offset: row_id of entry 0
+        self.group_offsets, self.fit_rows, self.scratch = group_offsets, fit_rows, scratch
+        # Fit-sample candidates: training rows of priority below fit_bound (None: all).
+        self.fit_bound = fit_bound
+        self.spill = True  # False: only the fit-sample candidates (see _spill_pass)
+
+
+class _Spilled(NamedTuple):
+    """What pass 1 learnt from one chunk (small: kept until every chunk is done)."""
+    entries: int
+    counts: Counts
+    rows: tuple      # rows per split
+    groups: dict     # {group: rows spilled}; a group is one (split, bucket), see _groups
+    error: object    # the chunk's DataError, raised in input order by the caller
+
+
+def _groups(n_buckets) -> np.ndarray:
+    """First group number of each split: groups number every (split, bucket) in order."""
+    return np.concatenate([[0], np.cumsum([n_buckets[s] for s in SPLITS])]).astype(np.int64)
+
+
+def _scratch_path(scratch: Path, group, index) -> Path:
+    return scratch / f"{group:05d}-{index:06d}.arrows"
+
+
+def _spill_chunk(job: _Chunk):
+    """Pass 1 on one chunk: derive it, hash its rows' keys, write each row to the scratch
+    piece of its (split, bucket) and keep the chunk's fit-sample candidates (its training
+    rows, at most fit_rows of the lowest priority). Returns (_Spilled, FitSample)."""
+    counts = Counts()
+    none = rowsplit.bottom_k(job.fit_rows)
+    try:
+        chunk = job.source.read(job.start, job.stop)
+        d = derive(chunk, counts, job.source.path, job.start)
+    except DataError as err:
+        return _Spilled(job.stop - job.start, counts, (0,) * len(SPLITS), {}, err), none
+    kept = np.flatnonzero(d["kept"])
+    h = rowsplit.row_hash([chunk[c][kept] for c in job.key], job.seed)
+    del chunk
+    row_ids = job.offset + job.start + kept
+
     which = rowsplit.assign_split(h, list(SPLITS.values()))
-    nb = np.array([n_buckets[s] for s in names], dtype=np.uint64)
-    offsets = np.concatenate([[0], np.cumsum(nb)[:-1]]).astype(np.int64)
-    bucket = (rowsplit.stream(h, rowsplit.BUCKET) % nb[which]).astype(np.int64)
-    group = offsets[which] + bucket
+    train = np.flatnonzero(which == 0)
+    priority = rowsplit.stream(h[train], rowsplit.PRIORITY)
+    if job.fit_bound is not None:
+        below = priority < np.uint64(job.fit_bound)
+        train, priority = train[below], priority[below]
+    fit = rowsplit.bottom_k(job.fit_rows, rowsplit.FitSample(
+        priority, row_ids[train], d["features"][:, train].T))
+    rows = tuple(int(np.count_nonzero(which == j)) for j in range(len(SPLITS)))
+    if not job.spill:
+        return _Spilled(job.stop - job.start, counts, rows, {}, None), fit
+
+    offsets = job.group_offsets
+    nb = np.diff(offsets).astype(np.uint64)
+    group = offsets[which] + (rowsplit.stream(h, rowsplit.BUCKET) % nb[which]).astype(np.int64)
     # A stable sort of small integers is a radix sort in numpy.
-    order = np.argsort(group.astype(np.int16 if nb.sum() < (1 << 15) else np.int64), kind="stable")
+    order = np.argsort(group.astype(np.int16 if offsets[-1] < (1 << 15) else np.int64), kind="stable")
     group = group[order]
-    cols = {name: d["features"][j][order] for j, name in enumerate(RAW)}
-    cols.update({name: d["labels"][j][order] for j, name in enumerate(schema.LABELS)})
+    # Labels and species flags are not spilled: pass 2 derives them from type and pid.
+    cols = {RAW[j]: d["features"][j][order] for j in SPILLED_FEATURES}
     cols.update({name: v[order] for name, v in d["extra"].items()})
     cols[ROW_ID] = row_ids[order]
     cols[ORDER] = rowsplit.stream(h, rowsplit.ORDER)[order]
-    table = pa.table(cols)
+    batch = record_batch(cols)
     starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else []
     ends = list(starts[1:]) + [len(group)]
+    groups = {}
     for lo, hi in zip(starts, ends):
         g = int(group[lo])
-        s = int(np.searchsorted(offsets, g, side="right") - 1)
-        for batch in table.slice(lo, hi - lo).to_batches():
-            spill.write(names[s], g - int(offsets[s]), batch)
-    return which
+        piece = batch.slice(lo, hi - lo)
+        with pa.OSFile(str(_scratch_path(job.scratch, g, job.index)), "wb") as sink, \
+                ipc.new_stream(sink, piece.schema) as writer:
+            writer.write_batch(piece)
+        groups[g] = int(hi - lo)
+    return _Spilled(job.stop - job.start, counts, rows, groups, None), fit
 
 
-def _shard_table(scratch: pa.Table, ct, truth: bool) -> pa.Table:
-    """One shard from one scratch file: rows ordered by their hash, features transformed."""
+def _shard_table(scratch: pa.Table, ct, truth: bool, threads=None) -> pa.Table:
+    """One shard from its scratch rows: ordered by their hash, features transformed."""
     # Rows with equal hashes (duplicate keys) keep their input order: stable sort.
-    order = rowsplit.argsort_stable(scratch.column(ORDER).to_numpy())
-    scratch = scratch.take(pa.array(order))
-    raw = np.stack([scratch.column(c).to_numpy() for c in RAW]).T  # column-major (n, 12)
-    pre = transform(ct, raw)
-    cols = {name: pre[:, j] for j, name in enumerate(schema.FEATURES)}
-    for name in schema.LABELS + extra_columns(truth):
-        cols[name] = scratch.column(name)
+    order = rowsplit.argsort_stable(to_numpy(scratch.column(ORDER)))
+    scratch = scratch.take(to_arrow(order))
+    raw = np.empty((N_FEATURES, scratch.num_rows), dtype=np.float32)  # column-major
+    for j in SPILLED_FEATURES:
+        raw[j] = to_numpy(scratch.column(RAW[j]))
+    species_flags(to_numpy(scratch.column(schema.PID)), out=raw[FLAGS])
+    pre = transform(ct, raw.T, threads)
+    cols = {name: to_arrow(pre[:, j]) for j, name in enumerate(schema.FEATURES)}
+    cols.update(zip(schema.LABELS, map(to_arrow, track_labels(to_numpy(scratch.column("type"))))))
+    for name in extra_columns(truth):
+        cols[name] = to_arrow(raw[RAW.index(name)]) if name in RAW else scratch.column(name)
     return pa.table(cols)
 
 
+def _write_shard_task(pieces, ct, truth, path, threads):
+    """Pass 2 on one shard: its scratch pieces (in input order) read, ordered, transformed
+    and written to `path`; the pieces are deleted. Returns the shard's rows."""
+    batches = []
+    for piece in pieces:
+        with pa.OSFile(str(piece)) as source:  # not mapped: bounded RSS
+            batches += ipc.open_stream(source).read_all().to_batches()
+    scratch = pa.Table.from_batches(batches)
+    _write_shard(_shard_table(scratch, ct, truth, threads), path)
+    for piece in pieces:
+        piece.unlink()  # frees the scratch disk as the shards appear
+    return scratch.num_rows
+
+
 def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_rows=500_000,
-               max_fit_rows=1_000_000, progress=True, tree=TREE, step_size=DEFAULT_STEP) -> dict:
+               max_fit_rows=1_000_000, progress=True, tree=TREE, step_size=DEFAULT_STEP,
+               workers=None, scheduler="threads") -> dict:
     """Derive, split, fit and shard `inputs` (a path, or a list of paths / globs /
     space-separated lists). Returns the split directories, the preprocessing path, the
     rows per split and the selection counts.
+
+    `workers` (default: the CPUs this process may use) tasks run at once with dask's
+    `scheduler` ("threads" or "processes"); 1 runs everything in this process without
+    dask. The outputs are byte for byte the same whatever the workers and scheduler.
 
     All outputs are refused up front if they exist (unless force); the split
     directories, the pickle and preprocess.json are built under temporary names and
@@ -357,6 +501,7 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
             raise FileExistsError(f"{preprocessing_path} exists (use --force to replace it)")
     if shard_rows <= 0 or max_fit_rows <= 0 or step_size <= 0:
         raise ValueError("shard_rows, max_fit_rows and step_size must be positive")
+    workers = _threads() if workers is None else workers
 
     specs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     sources = open_inputs(expand_inputs(specs), tree)
@@ -372,24 +517,27 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
         with scratch_dir(output_dir / "scratch") as tmp, \
                 tqdm(total=2 * total, unit="row", unit_scale=True, desc="preprocess",
                      disable=not progress) as bar:
-            spill = _Spill(tmp)
-            try:
-                counts, fit_sample, rows = _spill_pass(sources, spill, key, seed, n_buckets,
-                                                       max_fit_rows, step_size, bar)
-            finally:
-                spill.close()
+            def advance(name, value):
+                if name == _spill_chunk.__name__:
+                    bar.update(value[0].entries)
+                elif name == _write_shard_task.__name__:
+                    bar.update(value)
+
+            runner = Runner(workers, scheduler, on_result=advance)
+            counts, fit_sample, rows, groups = _spill_pass(runner, sources, tmp, key, seed, n_buckets,
+                                                           max_fit_rows, step_size)
             if counts.kept == 0:
                 raise DataError(f"no rows left after the selection: {counts.summary()}")
             empty = [name for name, k in rows.items() if k == 0]
             if empty:
                 raise DataError(f"too few rows ({counts.kept}) to split: split(s) {empty} would be "
                                 f"empty; {counts.summary()}")
-            ct = fit_preprocessing(fit_sample.sample(), seed)
+            ct = fit_preprocessing(rowsplit.sample_rows(fit_sample), seed)
             report = {"inputs": [str(s.path) for s in sources], "tree": tree, "seed": seed,
                       "split_key": key, "rows": rows, "fit_rows": int(len(fit_sample.priority)),
                       **counts.as_dict()}
-            _write_outputs(spill, ct, n_buckets, has_truth, out_dirs, output_dir / REPORT, report,
-                           preprocessing_path, force, bar)
+            _write_outputs(runner, tmp, groups, ct, n_buckets, has_truth, out_dirs,
+                           output_dir / REPORT, report, preprocessing_path, force)
     except BaseException:
         if created and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()  # made for the scratch files only: leave nothing behind
@@ -397,52 +545,92 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
     return {**out_dirs, "preprocessing": preprocessing_path, "rows": rows, "counts": counts}
 
 
-def _spill_pass(sources, spill, key, seed, n_buckets, max_fit_rows, step_size, bar):
-    """Pass 1: derive every chunk, send each row to its (split, bucket) scratch file and
-    offer the training rows to the fit sample. Returns (counts, fit sample, rows per split)."""
-    counts = Counts()
-    fit_sample = rowsplit.BottomK(max_fit_rows, N_FEATURES)
-    rows = dict.fromkeys(SPLITS, 0)
-    offset = 0
+# Chunks offer the fit sample only their training rows of priority below a bound that
+# FIT_MARGIN times max_fit_rows rows are expected to pass (uniform priorities): the merges
+# then move a few max_fit_rows rows, not the whole training split. Exact whenever at
+# least max_fit_rows rows pass, as they do unless most of the input is dropped; otherwise
+# the candidates are gathered again without the bound.
+FIT_MARGIN = 4.0
+
+
+def _fit_bound(total, max_fit_rows):
+    """The priority bound for an input of `total` entries, or None (every training row)."""
+    fraction = FIT_MARGIN * max_fit_rows / (total * SPLITS["train"] / sum(SPLITS.values()))
+    return None if fraction >= 1 else int(fraction * 2.0**64)
+
+
+def _spill_pass(runner, sources, scratch, key, seed, n_buckets, max_fit_rows, step_size):
+    """Pass 1: every chunk derived and spilled (_spill_chunk), the chunks' fit-sample
+    candidates merged pairwise (a tree whose shape depends only on the chunk count), then
+    the chunks' results taken in input order. Returns (counts, fit sample, rows per
+    split, {group: [chunk index per scratch piece]})."""
+    offsets = _groups(n_buckets)
+    bound = _fit_bound(sum(s.num_entries for s in sources), max_fit_rows)
+    jobs, offset = [], 0
     for src in sources:
-        for first, chunk in src.chunks(step_size):
-            d = derive(chunk, counts, src.path, first)
-            kept = np.flatnonzero(d["kept"])
-            h = rowsplit.row_hash([chunk[c][kept] for c in key], seed)
-            which = _spill_chunk(spill, d, offset + first + kept, h, n_buckets)
-            train = which == 0
-            fit_sample.offer(rowsplit.stream(h[train], rowsplit.PRIORITY), d["features"][:, train].T)
-            for j, name in enumerate(SPLITS):
-                rows[name] += int(np.count_nonzero(which == j))
-            bar.update(len(chunk["mc_pz"]))
-        counts.raise_bad(src.path)  # non-finite values, bad truth: counted over the whole file
+        for start, stop in src.ranges(step_size):
+            jobs.append(_Chunk(len(jobs), src, start, stop, offset, key, seed, offsets,
+                               max_fit_rows, scratch, bound))
         offset += src.num_entries
-    return counts, fit_sample, rows
+    spilled, fit = runner.compute(*_chunk_graph(runner, jobs, max_fit_rows))
+
+    counts, rows, groups = Counts(), dict.fromkeys(SPLITS, 0), {}
+    last = {id(job.source): job.index for job in jobs}
+    for job, meta in zip(jobs, spilled):
+        if meta.error is not None:
+            raise meta.error
+        counts.merge(meta.counts)
+        for name, k in zip(SPLITS, meta.rows):
+            rows[name] += k
+        for g in meta.groups:
+            groups.setdefault(g, []).append(job.index)
+        if last[id(job.source)] == job.index:
+            counts.raise_bad(job.source.path)  # non-finite values, bad truth: whole file
+    if len(fit.priority) < min(max_fit_rows, rows["train"]):  # the bound let too few through
+        for job in jobs:
+            job.spill, job.fit_bound = False, None
+        fit = runner.compute(*_chunk_graph(runner, jobs, max_fit_rows))[1]
+    return counts, fit, rows, groups
 
 
-def _write_outputs(spill, ct, n_buckets, has_truth, out_dirs, report_path, report,
-                   preprocessing_path, force, bar):
-    """Pass 2: one shard per scratch file, then definitions, report and pickle, staged
-    and renamed together."""
+def _chunk_graph(runner, jobs, max_fit_rows):
+    """(the chunks' _Spilled, in order; their fit samples merged) as runner tasks."""
+    spilled, stack = [], []  # stack: (level, partial sample) of a binary-counter merge
+    for job in jobs:
+        meta, fit = runner.task(_spill_chunk, job, nout=2)
+        spilled.append(meta)
+        level = 0
+        while stack and stack[-1][0] == level:
+            fit = runner.task(rowsplit.bottom_k, max_fit_rows, stack.pop()[1], fit)
+            level += 1
+        stack.append((level, fit))
+    return spilled, runner.task(rowsplit.bottom_k, max_fit_rows, *[s for _, s in stack])
+
+
+def _write_outputs(runner, scratch, groups, ct, n_buckets, has_truth, out_dirs, report_path,
+                   report, preprocessing_path, force):
+    """Pass 2: one shard per (split, bucket) that received rows, then definitions, report
+    and pickle, staged and renamed together."""
     blob = pickle.dumps(ct, protocol=pickle.HIGHEST_PROTOCOL)
     sha = hashlib.sha256(blob).hexdigest()
+    offsets = _groups(n_buckets)
+    # Parallel tasks transform one column at a time; alone, a task uses every core.
+    threads = 1 if runner.parallel else _threads()
+    if threads == 1 and runner.scheduler == "threads":
+        transform_tables(ct)  # built once here rather than raced for by the tasks
     with atomic_outputs() as staged:
-        for name, out_dir in out_dirs.items():
-            split_dir = staged.dir(out_dir, force=force)
-            k = 0
-            for bucket in range(n_buckets[name]):
-                path = spill.path(name, bucket)
-                if not path.exists():
-                    continue
-                with pa.OSFile(str(path)) as source:  # not mapped: bounded RSS
-                    scratch = ipc.open_stream(source).read_all()
-                _write_shard(_shard_table(scratch, ct, has_truth), split_dir / f"part-{k:05d}.feather")
-                bar.update(scratch.num_rows)
-                k += 1
-                del scratch
-                path.unlink()  # frees the scratch disk as the shards appear
-            write_definitions(split_dir, schema.FEATURES, schema.LABELS, extra_columns(has_truth),
-                              preprocessing_sha256=sha)
+        split_dirs, tasks = {}, []
+        for s, (name, out_dir) in enumerate(out_dirs.items()):
+            split_dirs[name] = staged.dir(out_dir, force=force)
+            present = [g for g in range(offsets[s], offsets[s + 1]) if g in groups]
+            for k, g in enumerate(present):
+                pieces = [_scratch_path(scratch, g, i) for i in groups[g]]
+                tasks.append(runner.task(_write_shard_task, pieces, ct, has_truth,
+                                         split_dirs[name] / f"part-{k:05d}.feather", threads))
+        runner.compute(tasks)
+        for name in out_dirs:
+            write_definitions(split_dirs[name], schema.FEATURES, schema.LABELS,
+                              extra_columns(has_truth), preprocessing_sha256=sha)
         with staged.file(report_path, "w") as f:
             f.write(json.dumps(report, indent=2) + "\n")
         # Staged last, so renamed last: a replaced pickle means every split is new too.
@@ -470,6 +658,11 @@ def register(subparsers):
                    help="training rows (a seeded uniform subsample) the preprocessing is fitted on")
     p.add_argument("--shard-rows", type=int, default=500_000)
     p.add_argument("--step-size", type=int, default=DEFAULT_STEP, help="entries read per chunk")
+    p.add_argument("--workers", type=positive_int("--workers"), default=None,
+                   help="chunks and shards processed at once with dask (default: one per CPU; "
+                        "1: in this process, without dask); the outputs do not depend on it")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="threads",
+                   help="dask's scheduler when --workers > 1 (default %(default)s)")
     p.set_defaults(func=_main)
 
 
@@ -477,7 +670,8 @@ def _main(args: argparse.Namespace):
     try:
         out = preprocess(args.input, args.output_dir, args.preprocessing, args.seed,
                          force=args.force, shard_rows=args.shard_rows,
-                         max_fit_rows=args.max_fit_rows, tree=args.tree, step_size=args.step_size)
+                         max_fit_rows=args.max_fit_rows, tree=args.tree, step_size=args.step_size,
+                         workers=args.workers, scheduler=args.scheduler)
     except (FileExistsError, DataError, ValueError) as err:
         raise EffgenError(str(err)) from err
     counts = ", ".join(f"{k} {v}" for k, v in out["rows"].items())

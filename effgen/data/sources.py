@@ -17,7 +17,7 @@ from effgen.data.derive import OPTIONAL, REQUIRED, TREE
 from effgen.errors import DataError
 
 MAGIC = {b"root": "root", b"ARROW1": "feather", b"PAR1": "parquet"}
-DEFAULT_STEP = 500_000
+DEFAULT_STEP = 1 << 19  # 524,288: two of synth's baskets
 
 
 def expand_inputs(specs) -> list:
@@ -133,39 +133,124 @@ class Source:
     def __repr__(self):
         return f"Source({str(self.path)!r}, {self.kind}, {self.num_entries} entries)"
 
-    def chunks(self, step_size=DEFAULT_STEP):
-        """Yield (first_entry, {branch: numpy array}) of at most step_size entries."""
+    # Pickled as (path, tree) and opened again: a dask process worker gets its own handle.
+    def __getstate__(self):
+        return {"path": self.path, "tree": self.tree_path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["tree"])
+
+    def ranges(self, step_size=DEFAULT_STEP) -> list:
+        """[(start, stop)] entry ranges of at most step_size entries covering the file, cut
+        where every branch read starts a new basket (ROOT), record batch (feather) or row
+        group (parquet) when possible, so that no range decompresses a basket twice."""
+        if self.kind == "root":
+            bounds = [int(b) for b in self._tree.common_entry_offsets(filter_name=self.columns)]
+        elif self.kind == "feather":
+            with _IpcFile(self.path) as reader:
+                sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+            bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+        else:
+            meta = self._reader.metadata
+            sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+        return pack_ranges(bounds, self.num_entries, step_size)
+
+    def read(self, start, stop) -> dict:
+        """{branch: numpy array} of entries [start, stop); DataError if they cannot be read."""
         try:
             if self.kind == "root":
-                yield from self._root_chunks(step_size)
+                arrays = self._tree.arrays(self.columns, entry_start=start, entry_stop=stop,
+                                           library="np", array_cache=None)
             else:
-                yield from self._arrow_chunks(step_size)
+                arrays = self._read_arrow(start, stop)
+            return {k: _plain(arrays[k], self.path, k) for k in self.columns}
         except DataError:
             raise
         except Exception as err:  # a basket or record batch that does not decompress
             raise DataError(f"{self.path}: reading failed (truncated or corrupt file?): "
                             f"{_first_line(err)}") from err
 
-    def _root_chunks(self, step_size):
-        start = 0
-        for arrays in self._tree.iterate(self.columns, step_size=step_size, library="np"):
-            n = len(arrays[self.columns[0]])
-            yield start, {k: _plain(v, self.path, k) for k, v in arrays.items()}
-            start += n
+    def _read_arrow(self, start, stop):
+        """Columns of entries [start, stop) of a feather or parquet file, from a reader of
+        its own (readers are not shared between threads)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    def _arrow_chunks(self, step_size):
-        start = 0
+        from effgen.data.columnar import to_numpy
+
+        parts, first = [], 0
         if self.kind == "feather":
-            batches = (self._reader.get_batch(i).select(self.columns)
-                       for i in range(self._reader.num_record_batches))
+            with _IpcFile(self.path) as reader:
+                for i in range(reader.num_record_batches):
+                    batch = reader.get_batch(i)
+                    if first < stop and first + batch.num_rows > start:
+                        parts.append(batch.select(self.columns).slice(
+                            max(0, start - first), stop - max(start, first)))
+                    first += batch.num_rows
+            table = pa.Table.from_batches(parts, schema=parts[0].schema if parts else None)
         else:
-            batches = self._reader.iter_batches(batch_size=step_size, columns=self.columns)
-        for batch in batches:
-            for lo in range(0, batch.num_rows, step_size):
-                part = batch.slice(lo, step_size)
-                yield start, {k: _plain(part.column(k).to_numpy(zero_copy_only=False), self.path, k)
-                              for k in self.columns}
-                start += part.num_rows
+            pf = pq.ParquetFile(str(self.path))
+            groups = []
+            for i in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(i).num_rows
+                if first < stop and first + n > start:
+                    groups.append(i)
+                    if len(groups) == 1:
+                        skip = max(0, start - first)
+                first += n
+            table = pf.read_row_groups(groups, columns=self.columns).slice(skip, stop - start)
+        out = {}
+        for k in self.columns:
+            col = table.column(k)
+            numeric = pa.types.is_integer(col.type) or pa.types.is_floating(col.type)
+            # Anything else (nulls, strings, ...) as pyarrow converts it: _plain judges.
+            out[k] = to_numpy(col) if numeric and not col.null_count else col.to_numpy(zero_copy_only=False)
+        return out
+
+    def chunks(self, step_size=DEFAULT_STEP):
+        """Yield (first_entry, {branch: numpy array}) over `ranges(step_size)`."""
+        for start, stop in self.ranges(step_size):
+            yield start, self.read(start, stop)
+
+
+class _IpcFile:
+    """An Arrow IPC file reader over a plain (not memory-mapped) file, closed on exit."""
+
+    def __init__(self, path):
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
+        self.source = pa.OSFile(str(path))
+        self.reader = ipc.open_file(self.source)
+
+    def __enter__(self):
+        return self.reader
+
+    def __exit__(self, *exc):
+        self.source.close()
+
+
+def pack_ranges(bounds, total, step_size) -> list:
+    """[(start, stop)] covering [0, total), each at most step_size entries, cut at `bounds`
+    (sorted entry numbers) where possible, evenly between two bounds further apart."""
+    if step_size <= 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    bounds = sorted({0, total, *(b for b in bounds if 0 < b < total)})
+    ranges, start, prev = [], 0, 0
+    for b in bounds[1:]:
+        if b - start > step_size and prev > start:
+            ranges.append((start, prev))
+            start = prev
+        if b - start > step_size:  # one basket longer than step_size: even pieces
+            n = -(-(b - start) // step_size)
+            cuts = [start + (b - start) * i // n for i in range(n + 1)]
+            ranges += list(zip(cuts[:-1], cuts[1:]))
+            start = b
+        prev = b
+    if start < total:
+        ranges.append((start, total))
+    return ranges
 
 
 def _first_line(err) -> str:

@@ -16,6 +16,8 @@ size, on how the rows are divided into files, or on their order: a tuple sorted 
 momentum gives the same shards as a shuffled one.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -85,45 +87,44 @@ def argsort_stable(keys: np.ndarray) -> np.ndarray:
     return order
 
 
-class BottomK:
-    """The k rows of lowest priority seen so far (a seeded uniform subsample that does
-    not depend on the order or chunking of the rows offered).
+class FitSample(NamedTuple):
+    """Training rows competing for the preprocessing's fit sample: their priority (a hash
+    stream), their row_id (unique: breaks ties) and their raw features (n, width)."""
+    priority: np.ndarray
+    row_id: np.ndarray
+    rows: np.ndarray
 
-    Offered rows that can still make it (below the k-th lowest priority kept at the last
-    merge) wait in a buffer, merged into the kept rows once it holds k rows, and by
-    `sample`: a merge per k candidates rather than per offer."""
 
-    def __init__(self, k: int, width: int, dtype=np.float32):
-        self.k = k
-        self.priority = np.empty(0, dtype=np.uint64)
-        self.rows = np.empty((0, width), dtype=dtype)
-        self._pending, self._pending_rows, self._threshold = [], 0, None
+def bottom_k(k: int, *samples: FitSample) -> FitSample:
+    """The k rows of lowest (priority, row_id) among `samples`, in their given order.
 
-    def offer(self, priority: np.ndarray, rows: np.ndarray):
-        if self._threshold is not None:  # full: only rows below the k-th kept can enter
-            take = priority < self._threshold
-            priority, rows = priority[take], rows[take]
-        if len(priority) == 0:
-            return
-        self._pending.append((priority, np.asarray(rows)))
-        self._pending_rows += len(priority)
-        if self._pending_rows >= self.k:
-            self._merge()
+    (priority, row_id) orders the rows totally, so the k lowest are the same rows however
+    the input is cut into chunks and files and in whatever order the partial samples are
+    merged: a seeded uniform subsample, not the first rows."""
+    samples = [s for s in samples if len(s.priority)]
+    if not samples:
+        return FitSample(np.empty(0, np.uint64), np.empty(0, np.int64), np.empty((0, 0), np.float32))
+    if len(samples) == 1:
+        pri, ids, rows = samples[0]
+    else:
+        pri = np.concatenate([s.priority for s in samples])
+        ids = np.concatenate([s.row_id for s in samples])
+        rows = np.concatenate([s.rows for s in samples])
+    if len(pri) <= k:
+        return FitSample(pri, ids, rows)
+    kth = pri[np.argpartition(pri, k - 1)[k - 1]]
+    keep = pri < kth
+    tied = np.flatnonzero(pri == kth)
+    # The k-th priority may be shared: the lowest row_ids among those rows go in.
+    keep[tied[np.argsort(ids[tied], kind="stable")[: k - int(np.count_nonzero(keep))]]] = True
+    keep = np.flatnonzero(keep)
+    return FitSample(pri[keep], ids[keep], np.take(rows, keep, axis=0))  # take: 3x rows[keep]
 
-    def _merge(self):
-        if not self._pending:
-            return
-        pri = np.concatenate([self.priority] + [p for p, _ in self._pending])
-        all_rows = np.concatenate([self.rows] + [r for _, r in self._pending])
-        self._pending, self._pending_rows = [], 0
-        if len(pri) > self.k:
-            keep = np.argpartition(pri, self.k - 1)[: self.k]
-            pri, all_rows = pri[keep], all_rows[keep]
-        self.priority, self.rows = pri, all_rows
-        if len(pri) >= self.k:
-            self._threshold = pri.max()
 
-    def sample(self) -> np.ndarray:
-        """The kept rows in priority order (so the result is independent of arrival order)."""
-        self._merge()
-        return self.rows[argsort_stable(self.priority)]
+def sample_rows(sample: FitSample) -> np.ndarray:
+    """The sample's rows in (priority, row_id) order (independent of how it was built)."""
+    order = np.argsort(sample.priority)
+    ranked = sample.priority[order]
+    if len(ranked) > 1 and bool((ranked[1:] == ranked[:-1]).any()):
+        order = np.lexsort((sample.row_id, sample.priority))
+    return np.take(sample.rows, order, axis=0)
