@@ -189,9 +189,13 @@ tracking: $(TRACKING)
 lamarr-lib: $(REPORT) $(LIB) $(TRACKING)
 	$(EFFGEN) describe $(LIB) --model $(MODEL) --preprocessing $(TX) --validation $(VAL_DIR)
 
-parity: $(LIB)
+# The efficiency library on the validation split, then every symbol of tracking.so against
+# Keras + scikit-learn on 200k rows drawn in each tX's range (generators: the same noise).
+parity: $(LIB) $(TRACKING)
 	$(EFFGEN) parity --library $(LIB) --symbol $(SYMBOL) --model $(MODEL) --preprocessing $(TX) \
 	    --data $(VAL_DIR) --output-dir $(W)/parity
+	$(EFFGEN) parity --spec $(TRACKING_SPEC) --library $(TRACKING) --rows 200000 \
+	    --per-row-rows 20000 --output-dir $(W)/parity/tracking
 endif
 
 # The reliability tests at depth: many more fuzzed models (~3 min at 120 examples), the

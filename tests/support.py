@@ -21,21 +21,9 @@ ABI_PEDANTIC = ("-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Wer
 def raw_features(n, seed):
     """Plausible raw rows in schema order, with a few awkward columns: a discrete z
     (repeated quantiles) and a spike at exactly 0 in tx."""
-    rng = np.random.default_rng(seed)
-    x = np.empty((n, 12), dtype=np.float32)
-    x[:, 0:2] = rng.normal(0, 0.03, (n, 2))
-    displaced = rng.random(n) < 0.15
-    x[:, 2] = np.where(displaced, rng.uniform(-300, 2500, n), rng.normal(0, 45, n))
-    x[:, 2] = np.where(rng.random(n) < 0.2, np.round(x[:, 2] / 100) * 100, x[:, 2])
-    x[:, 3] = rng.normal(3.7, 0.5, n)
-    x[:, 4:6] = rng.normal(0, 0.1, (n, 2))
-    x[:, 4] = np.where(rng.random(n) < 0.3, 0.0, x[:, 4])
-    x[:, 6] = rng.uniform(1.5, 6, n)
-    x[:, 7] = rng.uniform(-np.pi, np.pi, n)
-    species = rng.integers(0, 3, n)
-    x[:, 8], x[:, 9], x[:, 10] = species == 0, species == 1, species == 2
-    x[:, 11] = rng.choice([-1, 1], n)
-    return x
+    from effgen.checks import production_models
+
+    return production_models.features("efficiency", n, seed)
 
 
 def fit_preprocessing(n=20000, seed=0, n_quantiles=1000):
@@ -147,6 +135,17 @@ def small_generator_dir(name, directory, width=SMALL_WIDTH, blocks=2, seed=0):
     model = small_model(name, width=width, blocks=blocks, seed=seed,
                         n_random=production_models.n_random(name))
     model.save(directory / "model.keras")
+    return directory
+
+
+def small_model_dirs(directory, names, n_fit):
+    """DIR/<name>/{model.keras, tX.pkl[, tY.pkl]} for each name: production_models'
+    transforms fitted on n_fit rows and small_model's RANDOM-weight network."""
+    from effgen.checks import production_models
+
+    for name in names:
+        production_models.save_transforms(name, directory / name, n=n_fit)
+        small_model(name).save(directory / name / "model.keras")
     return directory
 
 

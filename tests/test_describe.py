@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("keras")
 
 from support import SMALL_N_RANDOM as N_RANDOM
-from support import small_model, tracking_entries, write_spec
+from support import small_model_dirs, tracking_entries, write_spec
 
 from effgen import cli
 from effgen.checks import production_models as pm
@@ -29,16 +29,7 @@ ROWS = 2000
 def built(tmp_path_factory):
     """models/<name>/{model.keras, tX.pkl[, tY.pkl]} (random weights), models/tracking.toml
     and lib/tracking.so built from it through the CLI."""
-    models = tmp_path_factory.mktemp("describe_models")
-    for name in NAMES:
-        sub = models / name
-        sub.mkdir()
-        with open(sub / "tX.pkl", "wb") as f:
-            pickle.dump(pm.fit_tX(name, n=3000), f)
-        if pm.n_random(name):
-            with pm._as_lhcb_module():
-                (sub / "tY.pkl").write_bytes(pickle.dumps(pm.fit_tY(name, n=3000)))
-        small_model(name).save(sub / "model.keras")
+    models = small_model_dirs(tmp_path_factory.mktemp("describe_models"), NAMES, n_fit=3000)
     spec = write_spec(models / "tracking.toml", tracking_entries(NAMES))
     out = tmp_path_factory.mktemp("describe_lib") / "lib"
     assert cli.main(["export", "--spec", str(spec), "--output-dir", str(out), "--compile"]) == 0

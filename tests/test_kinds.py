@@ -15,7 +15,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from support import SMALL_N_RANDOM as N_RANDOM
-from support import small_model, tracking_entries, write_spec
+from support import small_model, small_model_dirs, tracking_entries, write_spec
 
 from effgen import cli
 from effgen.checks import production_models as pm
@@ -36,17 +36,7 @@ from effgen.provenance import sha256_of
 def models(tmp_path_factory):
     """DIR/<name>/{model.keras, tX.pkl[, tY.pkl]}: production_models' fitted transforms,
     small random-weight networks."""
-    d = tmp_path_factory.mktemp("kinds_models")
-    for name in pm.TOPOLOGIES:
-        sub = d / name
-        sub.mkdir()
-        with open(sub / "tX.pkl", "wb") as f:
-            pickle.dump(pm.fit_tX(name, n=4000), f)
-        if pm.n_random(name):
-            with pm._as_lhcb_module():
-                (sub / "tY.pkl").write_bytes(pickle.dumps(pm.fit_tY(name, n=4000)))
-        small_model(name).save(sub / "model.keras")
-    return d
+    return small_model_dirs(tmp_path_factory.mktemp("kinds_models"), pm.TOPOLOGIES, n_fit=4000)
 
 
 # ---- graph: two inputs, both residual spellings, production sizes ----------------------

@@ -226,16 +226,23 @@ def _as_lhcb_module():
 
 def write_model_dir(name, directory, seed=0):
     """DIR/{model.keras, tX.pkl[, tY.pkl]} for `name`, each file written atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = save_transforms(name, directory, seed=seed)
     model = build_model(name, seed)
     with atomic.atomic_path(directory / "model.keras") as tmp:
         model.save(tmp)
+    return directory
+
+
+def save_transforms(name, directory, n=20000, seed=0):
+    """DIR/tX.pkl and, for a generator, DIR/tY.pkl (its DecorrTransformer pickled under
+    LHCb's module name), fitted on n synthetic rows; each file written atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_file(directory / "tX.pkl") as f:
-        pickle.dump(fit_tX(name, seed=seed), f)
+        pickle.dump(fit_tX(name, n=n, seed=seed), f)
     if n_random(name):
         with _as_lhcb_module():
-            blob = pickle.dumps(fit_tY(name, seed=seed))
+            blob = pickle.dumps(fit_tY(name, n=n, seed=seed))
         with atomic.atomic_file(directory / "tY.pkl") as f:
             f.write(blob)
     return directory
