@@ -159,12 +159,15 @@ DEFAULT_NAMES = {
 
 def kind_of(chain, where="model") -> ModelKind:
     """The kind a model's chain (effgen.codegen.graph) is: a two-input model is a
-    generator, a Softmax over 4 outputs the efficiency, a last Dense(1, sigmoid) the
-    sigmoid classifier; anything else is refused, naming the last layer."""
+    generator, a last Dense(1, sigmoid) the sigmoid classifier, and 4 outputs the
+    efficiency (its Softmax layer, or any last activation, as effgen has always exported
+    them); anything else is refused, naming the last layer and its number of outputs."""
     if chain.n_random:
         return GENERATOR
     if not chain.ops:
-        raise UnsupportedModelError(f"{where}: no layer")
+        if chain.n_outputs == EFFICIENCY.n_outputs:
+            return EFFICIENCY
+        raise UnsupportedModelError(f"{where}: no layer, {chain.n_outputs} outputs")
     last = chain.ops[-1]
     if chain.ends_with_softmax:
         if chain.n_outputs == EFFICIENCY.n_outputs:
@@ -175,10 +178,12 @@ def kind_of(chain, where="model") -> ModelKind:
     activation = getattr(getattr(last, "dense", last), "activation", None)
     if activation == "sigmoid" and chain.n_outputs == 1 and type(last).__name__ == "Dense":
         return SIGMOID
+    if chain.n_outputs == EFFICIENCY.n_outputs:
+        return EFFICIENCY
     raise UnsupportedModelError(
         f"{where}: last layer {last.name!r} is {type(last).__name__}({chain.n_outputs}, "
-        f"{activation}); effgen deploys a Softmax over 4 classes (efficiency), a "
-        f"Dense(1, sigmoid) classifier (acceptance) or a generator with two inputs "
+        f"{activation}), {chain.n_outputs} outputs; effgen deploys 4 outputs (efficiency), "
+        f"a Dense(1, sigmoid) classifier (acceptance) or a generator with two inputs "
         f"(features, noise) joined by Concatenate")
 
 
