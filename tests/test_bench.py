@@ -73,3 +73,23 @@ def test_quick_bench_writes_every_row_with_positive_finite_numbers(tmp_path):
         assert sorted(vs) == ["floor", "onnxruntime", "scikinc"]
         assert math.isclose(vs["floor"], calls[f"effgen C library, {mode}"]["median"] / calls[floor]["median"])
         assert f"| effgen C library, {mode} | {vs['floor']:.2f} |" in markdown
+
+
+def test_chain_spec_names_model_files_that_resolve_from_a_relative_work_dir(tmp_path, monkeypatch):
+    """`effgen bench --output-dir build/bench` (relative): the spec's paths must not be
+    read relative to the spec's own folder a second time."""
+    from pathlib import Path
+
+    import tomllib
+
+    from effgen.bench.latency import chain_spec
+
+    monkeypatch.chdir(tmp_path)
+    models = Path("work/models/resolution")
+    models.mkdir(parents=True)
+    for name in ("model.keras", "tX.pkl", "tY.pkl"):
+        (models / name).write_bytes(b"")
+    spec = chain_spec({"resolution": models}, Path("work/tracking.toml"))
+    entry = tomllib.loads(spec.read_text())["model"][0]
+    for key in ("model", "preprocessing", "postprocessing"):
+        assert (spec.parent / entry[key]).resolve() == (models / Path(entry[key]).name).resolve()

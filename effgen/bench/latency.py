@@ -573,38 +573,20 @@ def chain_models(out_dir, seed, width=0) -> dict:
             for name in CHAIN_SYMBOLS}
     if width:
         for name, d in dirs.items():
-            _small_chain_model(name, width, seed).save(d / "model.keras")
+            production_models.build_model(name, seed, width=width, n_blocks=1).save(d / "model.keras")
     return dirs
 
 
-def _small_chain_model(name, width, seed):
-    import keras
-
-    from effgen.checks import production_models
-
-    feats, outs, _, noise, residual = production_models.TOPOLOGIES[name]
-    keras.utils.set_random_seed(seed)
-    inputs = [keras.layers.Input((len(feats),))] + ([keras.layers.Input((noise,))] if noise else [])
-    x = keras.layers.Concatenate()(inputs) if noise else inputs[0]
-    x = keras.layers.Dense(width, activation="tanh")(x)
-    x_ = keras.layers.Dense(width, activation="tanh")(x)
-    x = keras.layers.Add()([x, x_]) if residual == "Add" else x + x_
-    if name == "acceptance":
-        out = keras.layers.Dense(1, activation="sigmoid")(x)
-    elif name == "efficiency":
-        out = keras.layers.Softmax()(keras.layers.Dense(len(outs))(x))
-    else:
-        out = keras.layers.Dense(len(outs))(x)
-    return keras.Model(inputs, out)
-
-
 def chain_spec(model_dirs, path) -> Path:
+    # Absolute paths: a spec's relative paths are read relative to the spec file.
     lines = []
     for symbol, d in model_dirs.items():
-        lines += ["[[model]]", f'symbol = "{symbol}"', f'model = "{d / "model.keras"}"',
-                  f'preprocessing = "{d / "tX.pkl"}"']
+        d = Path(d).resolve()
+        lines += ["[[model]]", f"symbol = {json.dumps(symbol)}",
+                  f"model = {json.dumps(str(d / 'model.keras'))}",
+                  f"preprocessing = {json.dumps(str(d / 'tX.pkl'))}"]
         if (d / "tY.pkl").is_file():
-            lines.append(f'postprocessing = "{d / "tY.pkl"}"')
+            lines.append(f"postprocessing = {json.dumps(str(d / 'tY.pkl'))}")
     with atomic_file(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return Path(path)
