@@ -63,9 +63,9 @@ ALLOWED = {
 }
 # Classes read as effgen's own: LHCb's (their notebook module, which users do not have)
 # and effgen's DecorrTransformer pickled under its own module name (a tY fitted with it
-# and pickled plainly), wherever effgen keeps the class.
+# and pickled plainly).
 MAPPED = {(module, "DecorrTransformer"): DecorrTransformer
-          for module in ("preprocessing_utils", DecorrTransformer.__module__, "effgen.decorr")}
+          for module in ("preprocessing_utils", DecorrTransformer.__module__)}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
