@@ -172,3 +172,27 @@ def tracking_entries(names=("acceptance", "efficiency", "resolution", "covarianc
             e.update(postprocessing=f"{name}/tY.pkl", n_random=n_random)
         entries.append(e)
     return entries
+
+
+# ---- Lamarr runs: mock libraries and sample rows ----------------------------------------
+
+def compile_mock(directory, source, name):
+    """DIR/<name> compiled from the C `source` (a mock library SQLamarr loads)."""
+    import subprocess
+
+    (directory / "mock.c").write_text(source)
+    so = directory / name
+    subprocess.run(["gcc", "-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-Werror",
+                    "-o", str(so), str(directory / "mock.c"), "-lm"], check=True)
+    return so
+
+
+def feature_rows(features_path):
+    """(raw float32 features in schema order, int64 pids) of a feather sample."""
+    import pyarrow.feather as feather
+
+    from effgen import schema
+
+    table = feather.read_table(features_path, columns=schema.FEATURES + [schema.PID])
+    raw = np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
+    return raw, table.column(schema.PID).to_numpy().astype(np.int64)

@@ -10,8 +10,8 @@ same way in test_chain_tracking_library (random-weight production-topology model
 import subprocess
 
 import numpy as np
-import pyarrow.feather as feather
 import pytest
+from support import compile_mock, feature_rows
 
 from effgen import schema
 from effgen.checks import chain
@@ -58,19 +58,13 @@ float *covariance(float *out, const float *in, const float *rnd)
 
 @pytest.fixture(scope="module")
 def mock_tracking(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mock_tracking")
-    (d / "mock.c").write_text(MOCK_C)
-    so = d / "tracking.so"
-    subprocess.run(["gcc", "-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-Werror",
-                    "-o", str(so), str(d / "mock.c"), "-lm"], check=True)
-    return so
+    return compile_mock(tmp_path_factory.mktemp("mock_tracking"), MOCK_C, "tracking.so")
 
 
 @pytest.fixture(scope="module")
 def rows(tiny_dataset):
-    table = feather.read_table(tiny_dataset["features"], columns=schema.FEATURES + [schema.PID])
-    raw = np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
-    return raw[:4000], table.column(schema.PID).to_numpy().astype(np.int64)[:4000]
+    raw, pid = feature_rows(tiny_dataset["features"])
+    return raw[:4000], pid[:4000]
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ random_category, the abort on probabilities summing above 1); the project's own
 exported library, from a tiny random-weight model, is then checked against the
 library called directly and against TensorFlow, on the inputs SQLamarr computed."""
 
-import subprocess
 
 import numpy as np
-import pyarrow.feather as feather
 import pytest
+from support import compile_mock, feature_rows
 
 from effgen import schema
 from effgen.checks import draws, lamarr, parity, parity_compare
@@ -64,19 +63,12 @@ def mock_probabilities(x):
 
 @pytest.fixture(scope="module")
 def mock_library(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mock_lib")
-    (d / "mock.c").write_text(MOCK_C)
-    so = d / "mock.so"
-    subprocess.run(["gcc", "-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-Werror",
-                    "-o", str(so), str(d / "mock.c"), "-lm"], check=True)
-    return so
+    return compile_mock(tmp_path_factory.mktemp("mock_lib"), MOCK_C, "mock.so")
 
 
 @pytest.fixture(scope="module")
 def sample_rows(tiny_dataset):
-    table = feather.read_table(tiny_dataset["features"], columns=schema.FEATURES + [schema.PID])
-    raw = np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
-    return raw, table.column(schema.PID).to_numpy().astype(np.int64)
+    return feature_rows(tiny_dataset["features"])
 
 
 def test_hepmc_roundtrip_selection_and_input_order(mock_library, sample_rows, tmp_path):

@@ -266,9 +266,12 @@ def build_harness(out_dir, cc="gcc") -> Path:
 
 def harness_case(exe, so, symbol, inputs_path, n_rows, mode):
     """A callable running the C driver once (one warm-up pass, one timed pass)."""
-    cmd = [str(exe), str(so), symbol, str(inputs_path), str(n_rows),
-           str(len(schema.FEATURES)), str(len(schema.OUTPUTS)), "1", mode]
+    return _timed_command([str(exe), str(so), symbol, str(inputs_path), str(n_rows),
+                           str(len(schema.FEATURES)), str(len(schema.OUTPUTS)), "1", mode])
 
+
+def _timed_command(cmd):
+    """A callable running a C driver once; the driver prints its timing first on stdout."""
     def once():
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -621,14 +624,7 @@ def chain_inputs(out_dir, rows, seed) -> list:
 
 
 def chain_harness_case(exe, so, mode, rows, inputs):
-    cmd = [str(exe), str(so), mode, str(rows), "1", *map(str, inputs)]
-
-    def once():
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return float(proc.stdout.split()[0])
-    return once
+    return _timed_command([str(exe), str(so), mode, str(rows), "1", *map(str, inputs)])
 
 
 def chain_section(out_dir, sizes: Sizes, seed) -> tuple:
