@@ -50,7 +50,9 @@ def ct():
 @pytest.fixture(scope="module", params=["float32", "float64"])
 def pre_lib(request, ct, tmp_path_factory):
     ir = read_preprocessing(ct, sklearn_dtype=request.param)
-    src = "#include <math.h>\n" + generate_preprocessing(ir) + """
+    # EFFGEN_PATH_AVX2 (as the library defines it on x86-64): effgen_preprocess_vec too
+    src = ("#include <math.h>\n#if defined(__GNUC__) && defined(__x86_64__)\n#define EFFGEN_PATH_AVX2 1\n"
+           "#endif\n" + generate_preprocessing(ir) + """
 void test_pre(float *z, const float *x, long n)
 {
     long r;
@@ -61,7 +63,26 @@ double test_ndtri(double p)
 {
     return effgen_ndtri(p);
 }
-"""
+int test_has_vec(void)  /* 1: built and runnable; 0: built, no AVX2 here; -1: not built */
+{
+#if defined(EFFGEN_VPRE)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+    return -1;
+#endif
+}
+void test_pre_vec(float *z, const float *x, long n)
+{
+#if defined(EFFGEN_VPRE)
+    long r;
+    for (r = 0; r < n; ++r)
+        effgen_preprocess_vec(z + 12 * r, x + 12 * r);
+#else
+    (void)z, (void)x, (void)n;
+#endif
+}
+""")
     import ctypes
     so = build(tmp_path_factory.mktemp("pre"), src, f"pre_{request.param}")
     lib = ctypes.CDLL(str(so))
@@ -69,17 +90,18 @@ double test_ndtri(double p)
     return request.param, lib
 
 
-def run_pre(lib, x):
+def run_pre(lib, x, fn="test_pre"):
     import ctypes
     x = np.ascontiguousarray(x, dtype=np.float32)
     z = np.empty_like(x)
     p = ctypes.POINTER(ctypes.c_float)
-    lib.test_pre(z.ctypes.data_as(p), x.ctypes.data_as(p), ctypes.c_long(len(x)))
+    getattr(lib, fn)(z.ctypes.data_as(p), x.ctypes.data_as(p), ctypes.c_long(len(x)))
     return z
 
 
-def test_quantile_transform_matches_sklearn(ct, pre_lib):
-    dtype, lib = pre_lib
+def probe_rows(ct):
+    """Rows that probe the quantile transform: the toy's rows scaled beyond the fitted
+    range, then per column every knot, its neighbours, the outside and +-inf."""
     qt = ct.named_transformers_["quantile"]
     rows = [raw_features(200000, seed=5)]
     rows[0][:, :8] *= np.float32(1.3)  # reach beyond the fitted range too
@@ -88,7 +110,12 @@ def test_quantile_transform_matches_sklearn(ct, pre_lib):
         block = np.repeat(raw_features(1, seed=k), len(v), axis=0)
         block[:, k] = v
         rows.append(block)
-    x = np.concatenate(rows)
+    return np.concatenate(rows)
+
+
+def test_quantile_transform_matches_sklearn(ct, pre_lib):
+    dtype, lib = pre_lib
+    x = probe_rows(ct)
     assert np.isinf(x).any() and len(x) > 200000
     # sklearn refuses inf; the C clips it like the largest finite float, as sklearn clips
     # any value beyond the fitted range
@@ -100,6 +127,22 @@ def test_quantile_transform_matches_sklearn(ct, pre_lib):
     diff = np.abs(got.astype(np.float64) - np.asarray(expected, dtype=np.float32))
     assert diff.max() <= 1e-6, f"max |C - sklearn| = {diff.max():.3g} at row {diff.max(1).argmax()}"
     np.testing.assert_array_equal(got[:, 8:], x[:, 8:])
+
+
+def test_vector_preprocessing_is_the_scalar_one_bit_for_bit(ct, pre_lib):
+    """effgen_preprocess_vec (the AVX code paths': norm.ppf 4 columns at once) gives
+    effgen_preprocess's floats exactly, tails, edges, infinities and NaN included."""
+    import platform
+    _, lib = pre_lib
+    built = lib.test_has_vec()
+    assert built >= 0 or platform.machine() not in ("x86_64", "AMD64")
+    if built != 1:
+        pytest.skip("no AVX2 on this CPU (or not x86-64): the vector path cannot run here")
+    x = probe_rows(ct)
+    x[::101, :8] = np.nan
+    scalar, vector = run_pre(lib, x), run_pre(lib, x, "test_pre_vec")
+    assert np.isnan(scalar).any()
+    np.testing.assert_array_equal(vector.view(np.uint32), scalar.view(np.uint32))
 
 
 def test_repeated_quantiles_are_exercised(ct):
