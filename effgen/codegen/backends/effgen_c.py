@@ -57,7 +57,8 @@ VARIANTS = (
      "dispatch_target": "avx512f,avx2,fma,prefer-vector-width=512",
      "native_target": '__attribute__((target("prefer-vector-width=512")))',
      "native_if": "defined(__AVX512F__) && defined(__FMA__) && defined(__GNUC__) && !defined(__clang__)",
-     "lanes": 16, "vec": "__m512", "pfx": "_mm512", "row_panels": 8, "tile_rows": 8, "tile_panels": 2, "block_tiles": 2},
+     "lanes": 16, "vec": "__m512", "pfx": "_mm512", "row_panels": 8, "tile_rows": 8, "tile_panels": 2,
+     "block_tiles": 2},
 )
 ISA_VARIANTS = tuple(v["isa"] for v in VARIANTS)
 
