@@ -73,6 +73,16 @@ def test_quick_bench_writes_every_row_with_positive_finite_numbers(tmp_path):
         assert sorted(vs) == ["floor", "onnxruntime", "scikinc"]
         assert math.isclose(vs["floor"], calls[f"effgen C library, {mode}"]["median"] / calls[floor]["median"])
         assert f"| effgen C library, {mode} | {vs['floor']:.2f} |" in markdown
+    # every C timing (libraries and floors alike) is the fastest of short windows per repeat,
+    # with the mean over those windows kept beside it; the other baselines are single runs
+    for name, r in calls.items():
+        if "C library" in name or name.startswith("floor: "):
+            assert r["windows"] == report["meta"]["sizes"]["windows"] > 1, name
+            assert len(r["window_means"]) == len(r["runs"]), name
+            assert all(best <= mean * (1 + 1e-6) for best, mean in zip(r["runs"], r["window_means"])), name
+        else:
+            assert "windows" not in r and "window_means" not in r, name
+    assert "fastest of" in markdown
 
 
 def test_chain_spec_names_model_files_that_resolve_from_a_relative_work_dir(tmp_path, monkeypatch):

@@ -24,7 +24,9 @@ Sections (select with --sections):
            production_models) in the same run, through c_harness/chain_timing.c.
 
 The machine is shared and noisy, so every number is the median of `repeats` runs made
-in this process, the cases of a section interleaved round by round (a load spike hits
+in this process (for the C timings, libraries and floors alike, each run is the fastest
+of `windows` short windows, ~0.3-1 ms: nearly every long window is preempted, so a mean
+over one would measure the load, not the code), the cases of a section interleaved round by round (a load spike hits
 all cases alike), with the spread (min-max, quartiles in the JSON) and a ratio to the
 section's baseline. The process and its children are pinned to one CPU; TensorFlow and
 ONNX Runtime get one thread. Results go to <output-dir>/bench.md and bench.json.
@@ -63,7 +65,8 @@ class Sizes:
     repeats: int = 5
     build_repeats: int = 3        # export + compile take seconds each: fewer repeats
     reader_repeats: int = 3       # the original reader takes seconds per pass
-    rows: int = 5_000             # particles per C-harness run and through Lamarr
+    rows: int = 6_000             # particles per C-harness run and through Lamarr
+    windows: int = 50             # C timings: each repeat's fastest of this many short windows
     tf_batch: int = 10_000
     ort_call_rows: int = 2_000    # Python-loop calls of ORT with batch 1
     reader_sample_rows: int = 1_000_000  # sample size; the reader reads its train split
@@ -81,7 +84,7 @@ class Sizes:
 
 
 DEFAULT = Sizes()
-QUICK = Sizes(repeats=2, build_repeats=1, reader_repeats=2, rows=300, tf_batch=500,
+QUICK = Sizes(repeats=2, build_repeats=1, reader_repeats=2, rows=300, windows=5, tf_batch=500,
               ort_call_rows=100, reader_sample_rows=4_000, reader_batch=500, reader_original_rows=1_000,
               preprocess_rows=20_000,
               width=16, blocks=1, fit_rows=2_000, chain_rows=50, chain_width=8)
@@ -99,6 +102,15 @@ def summarize(values) -> dict:
 
 def row(name, unit, values, note="") -> dict:
     return {"name": name, "unit": unit, **summarize(values), "note": note}
+
+
+def windowed_row(name, values, windows, note) -> dict:
+    """A C timing's row: per repeat (fastest window, mean over windows); the statistics
+    are of the fastest windows, the means kept beside them."""
+    r = row(name, "us/particle", [best for best, _ in values],
+            note + f"; per repeat the fastest of {windows} windows")
+    r.update(windows=windows, window_means=[float(mean) for _, mean in values])
+    return r
 
 
 def add_ratios(rows, baseline_name, higher_is_better):
@@ -264,19 +276,23 @@ def build_harness(out_dir, cc="gcc") -> Path:
     return exe
 
 
-def harness_case(exe, so, symbol, inputs_path, n_rows, mode):
-    """A callable running the C driver once (one warm-up pass, one timed pass)."""
+def harness_case(exe, so, symbol, inputs_path, n_rows, mode, windows=1):
+    """A callable running the C driver once (one warm-up pass, one timed pass in
+    `windows` windows); it returns (fastest window, mean over windows), us/particle."""
     return _timed_command([str(exe), str(so), symbol, str(inputs_path), str(n_rows),
-                           str(len(schema.FEATURES)), str(len(schema.OUTPUTS)), "1", mode])
+                           str(len(schema.FEATURES)), str(len(schema.OUTPUTS)), "1", mode, str(windows)],
+                          fields=2)
 
 
-def _timed_command(cmd):
-    """A callable running a C driver once; the driver prints its timing first on stdout."""
+def _timed_command(cmd, fields=1):
+    """A callable running a C driver once; the driver prints its timing first on stdout
+    (with fields=2: a tuple of the first two numbers)."""
     def once():
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return float(proc.stdout.split()[0])
+        words = proc.stdout.split()
+        return float(words[0]) if fields == 1 else tuple(float(w) for w in words[:fields])
     return once
 
 
@@ -295,20 +311,21 @@ def build_floors(out_dir, cc="gcc") -> Path:
     return exe
 
 
-def floor_cases(exe, cost, passes) -> tuple:
+def floor_cases(exe, cost, passes, windows=1) -> tuple:
     """Two callables for interleaved(): the first runs c_harness/floors once (`passes`
-    weight streams, then as many particles' multiply-adds) and returns the stream's
-    us per pass; the second returns the FMA time per particle of that same run."""
-    cmd = [str(exe), str(cost["weight_bytes"]), str(cost["macs"]), str(passes), "1"]
+    weight streams and as many particles' multiply-adds, in `windows` windows, as
+    timing.c times the libraries) and returns the stream's (fastest window, mean) in us
+    per pass; the second returns the FMA's per particle from that same run."""
+    cmd = [str(exe), str(cost["weight_bytes"]), str(cost["macs"]), str(passes), "1", str(windows)]
     last = {}
 
     def stream():
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        stream_us, fma_us, isa = proc.stdout.split()[:3]
-        last.update(fma=float(fma_us), isa=isa)
-        return float(stream_us)
+        stream_us, fma_us, isa, stream_mean, fma_mean = proc.stdout.split()[:5]
+        last.update(fma=(float(fma_us), float(fma_mean)), isa=isa)
+        return float(stream_us), float(stream_mean)
 
     def fma():
         return last.pop("fma")
@@ -419,14 +436,15 @@ def calls_section(builds, model_path, pre_path, out_dir, sizes: Sizes, seed, sym
     for backend in ("scikinc", "effgen"):
         for mode, label in (("call", "per call"), ("batch", "batched")):
             name = f"{backend} C library, {label}"
-            cases[name] = harness_case(exe, builds[backend]["so"], symbol, inputs, sizes.rows, mode)
-            notes[name] = (f"c_harness/timing.c, {sizes.rows:,} particles, "
-                           + ("one call per particle" if mode == "call" else f"one {symbol}_batch call"))
+            cases[name] = harness_case(exe, builds[backend]["so"], symbol, inputs, sizes.rows, mode,
+                                       sizes.windows)
+            notes[name] = (f"c_harness/timing.c, {sizes.rows:,} particles in {sizes.windows} windows, "
+                           + ("one call per particle" if mode == "call" else f"one {symbol}_batch call each"))
 
     model = keras.models.load_model(model_path, compile=False)
     ct = load_preprocessing(pre_path, model_path=model_path)
     cost = network_cost(read_chain(model))
-    stream, fma, floor_info = floor_cases(build_floors(out_dir), cost, sizes.rows)
+    stream, fma, floor_info = floor_cases(build_floors(out_dir), cost, sizes.rows, sizes.windows)
     cases[FLOOR_STREAM] = stream
     notes[FLOOR_STREAM] = (f"per-call floor: c_harness/floors.c reads the {cost['weight_bytes']:,} bytes of "
                            f"packed weights and biases once per pass, {sizes.rows:,} passes")
@@ -454,7 +472,9 @@ def calls_section(builds, model_path, pre_path, out_dir, sizes: Sizes, seed, sym
     values = interleaved(cases, sizes.repeats, "calls")
     for name in (FLOOR_STREAM, FLOOR_FMA):
         notes[name] += f"; code path {floor_info.get('isa', '?')}"
-    rows = [row(name, "us/particle", v, notes[name]) for name, v in values.items()]
+    rows = [windowed_row(name, v, sizes.windows, notes[name]) if isinstance(v[0], tuple)
+            else row(name, "us/particle", v, notes[name] + "; one timed run per repeat")
+            for name, v in values.items()]
     rows = add_ratios(rows, "scikinc C library, per call", higher_is_better=False)
     return add_floor_ratios(rows), failures
 
@@ -780,6 +800,10 @@ def render_markdown(report) -> str:
         f"- Every value: median of {m['sizes']['repeats']} repeats ({m['sizes']['build_repeats']} for "
         f"export/compile, {m['sizes']['reader_repeats']} for the reader); spread = min-max "
         f"(quartiles in bench.json); run took {m['seconds']:.0f} s, {m['date']}",
+        f"- C timings (the libraries in `calls` and both floors, alike): each repeat is the fastest of "
+        f"{m['sizes'].get('windows', 1)} short windows (its mean over all windows in bench.json, "
+        f"`window_means`), since on a shared machine nearly every long window is preempted; "
+        f"TensorFlow, ONNX Runtime and the other sections: one timed run per repeat",
         "",
     ]
     for key, rows in report["sections"].items():
