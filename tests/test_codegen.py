@@ -16,6 +16,7 @@ from support import edge_values, fit_preprocessing, raw_features, seed_like_mode
 
 from effgen.checks.random_category import python_track_type
 from effgen.codegen.backends.effgen_c import (
+    search_knots,
     generate,
     generate_activations,
     generate_core,
@@ -340,6 +341,27 @@ def test_weights_are_printed_so_they_read_back_exactly(model):
             body = re.search(rf"effgen_layer_{dense.name}_{suffix}\[[^]]*\] EFFGEN_ALIGN = \{{(.*?)\}};", src, re.S)
             values = np.array([np.float32(v.strip().rstrip("f")) for v in body.group(1).split(",")])
             np.testing.assert_array_equal(values, expected.ravel())
+
+
+def test_float_search_knots_compare_with_every_float_as_the_double_knots_do(ct):
+    """The knot search reads float copies of the knots (half the cache lines): for every
+    float input near any knot, qf <= x must hold exactly when q <= x (the same knot is
+    found; the parity tests check the values end to end)."""
+    rng = np.random.default_rng(3)
+    knots = [np.asarray(t.quantiles_, np.float64) for _, t, _ in ct.transformers_ if hasattr(t, "quantiles_")]
+    q = np.concatenate([k.ravel() for k in knots] + [
+        rng.normal(0, 1e3, 2000),                           # doubles between floats
+        np.float32(rng.normal(0, 1, 500)).astype(np.float64),  # doubles that are floats
+        [0.0, -0.0, 1e-300, -1e-300, 3.5e38, -3.5e38]])      # tiny, and beyond the float range
+    qf = search_knots(q)
+    assert qf.dtype == np.float32
+    assert np.isinf(qf[q > np.finfo(np.float32).max]).all()
+    for step in range(-3, 4):  # x: each knot rounded to float, and its float neighbours
+        with np.errstate(over="ignore"):  # the knots beyond the float range: x = inf
+            x = np.float32(q)
+        for _ in range(abs(step)):
+            x = np.nextafter(x, np.float32(np.inf) if step > 0 else np.float32(-np.inf))
+        np.testing.assert_array_equal(qf <= x, q <= x.astype(np.float64))
 
 
 # ---- the generated file reads top-down (issue 11) -----------------------------------------

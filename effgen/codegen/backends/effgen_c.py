@@ -215,6 +215,19 @@ def _layers(chain: Chain):
     return layers
 
 
+def search_knots(quantiles) -> np.ndarray:
+    """The knots as floats for the knot search: each the smallest float >= the double
+    knot, so that for every float x (inputs are float), qf <= x exactly when q <= x: the
+    search finds the same knot with half the cache footprint. Non-finite where a knot
+    lies beyond the float range (the search then stays in double)."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        qf = q.astype(np.float32)
+    below = qf.astype(np.float64) < q
+    qf[below] = np.nextafter(qf[below], np.float32(np.inf))
+    return qf
+
+
 def _preprocessing_context(ir: PreprocessingIR):
     tables, references, outputs = [], [], []
     for o in ir.outputs:
@@ -230,8 +243,10 @@ def _preprocessing_context(ir: PreprocessingIR):
             references.append({"array": col.references, "n": n,
                                "text": c_array(col.references, c_double, per_line=4)})
         first = col.first_equal
+        up = search_knots(col.quantiles)
         tables.append({"column": col, "n": n, "n_repeated": int((first != np.arange(n)).sum()),
                        "quantiles": c_array(col.quantiles, c_double, per_line=4),
+                       "search": c_array(up, c_float, per_line=6) if np.isfinite(up).all() else None,
                        "first_equal": c_array(first, str, per_line=12),
                        "index_type": "short" if n < 32768 else "int"})
         outputs.append({"kind": "quantile", "input_index": o.input_index, "table": len(tables) - 1,
@@ -243,6 +258,8 @@ def _preprocessing_context(ir: PreprocessingIR):
     sizes = sorted({o["n"] for o in outputs if o["kind"] == "quantile"})
     groups = [{"n": n, "cols": [o for o in outputs if o["kind"] == "quantile" and o["n"] == n]}
               for n in sizes]
+    for g in groups:  # float knots (half the cache lines) where every column has them
+        g["float"] = all(tables[o["table"]]["search"] is not None for o in g["cols"])
     # lanes of the vector norm.ppf (effgen_preprocess_vec): quantile columns in search order
     lane = 0
     for g in groups:
