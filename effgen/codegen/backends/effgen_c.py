@@ -278,6 +278,7 @@ def generate_preprocessing(ir: PreprocessingIR, input_names=None) -> str:
     env = _env()
     decls = env.from_string(
         "{% for t in preprocessing.tables %}static const double effgen_qt{{ loop.index0 }}_q[{{ t.n }}];\n"
+        "{% if t.search %}static const float effgen_qt{{ loop.index0 }}_qf[{{ t.n }}];\n{% endif %}"
         "static const {{ preprocessing.index_type }} effgen_qt{{ loop.index0 }}_first[{{ t.n }}];\n"
         "{% endfor %}{% for r in preprocessing.references %}"
         "static const double effgen_qt_ref{{ loop.index0 }}[{{ r.n }}];\n{% endfor %}")
