@@ -16,11 +16,11 @@ from support import edge_values, fit_preprocessing, raw_features, seed_like_mode
 
 from effgen.checks.random_category import python_track_type
 from effgen.codegen.backends.effgen_c import (
-    search_knots,
     generate,
     generate_activations,
     generate_core,
     generate_preprocessing,
+    search_knots,
 )
 from effgen.codegen.graph import evaluate, read_chain
 from effgen.codegen.native import Library, check_library, compile_shared
