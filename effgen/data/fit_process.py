@@ -98,6 +98,10 @@ def _serve():
     """The child: import the fit (the slow part), then answer one request from stdin."""
     import pickle
 
+    # The reason for this process: scikit-learn imported now, while the parent reads.
+    import sklearn.compose  # noqa: F401
+    import sklearn.preprocessing  # noqa: F401
+
     from effgen.data.preprocess import Quantiles, fit_preprocessing
 
     line = sys.stdin.readline()
