@@ -517,3 +517,11 @@ def test_fit_process_failures_name_the_cause(tmp_path):
         fitter.fit(np.zeros((5, 11), np.float32), 0, tmp_path)
     fitter.close()
     fitter.close()  # closing twice is harmless
+
+
+def test_fit_process_imports_scikit_learn_before_the_request():
+    """The child's point: scikit-learn is imported as soon as it starts (beside pass 1),
+    not when the fit sample arrives. Given no request at all, it still imports it."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "effgen.data.fit_process"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
+    assert "sklearn.preprocessing" in proc.stderr and "sklearn.compose" in proc.stderr
