@@ -418,7 +418,8 @@ def _spill_chunk(job: _Chunk):
     except DataError as err:
         return _Spilled(job.stop - job.start, counts, (0,) * len(SPLITS), {}, err), none
     kept = np.flatnonzero(d["kept"])
-    h = rowsplit.row_hash([chunk[c][kept] for c in job.key], job.seed)
+    every = len(kept) == len(d["kept"])  # the usual case: no copies of the key columns
+    h = rowsplit.row_hash([chunk[c] if every else chunk[c][kept] for c in job.key], job.seed)
     del chunk
     row_ids = job.offset + job.start + kept
 
