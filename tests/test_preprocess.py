@@ -410,3 +410,118 @@ def test_bottom_k_and_argsort_stable_match_plain_numpy():
     tied = rng.integers(0, 50, 10_000).astype(np.uint64)
     np.testing.assert_array_equal(split.argsort_stable(tied), np.argsort(tied, kind="stable"))
     np.testing.assert_array_equal(split.argsort_stable(pri), np.argsort(pri, kind="stable"))
+
+
+def test_truth_check_and_species_flags_match_the_plain_numpy_forms():
+    """derive's column-wise truth check flags the rows the (n, 4) form flags (row sums in
+    float64, any(axis=1)), edge sums and NaNs included; species_flags matches np.isin on
+    the pid as int64, for every integer and float pid type."""
+    from effgen.data import derive
+
+    rng = np.random.default_rng(11)
+    n = 50_000
+    truth = rng.dirichlet(np.ones(4), n).astype(np.float32)
+    truth[rng.random(n) < 0.01, 2] *= -1
+    truth[rng.random(n) < 0.01, 1] += 1
+    truth[rng.random(n) < 0.01, 3] = np.nan
+    edge = rng.random(n) < 0.05  # sums within a few ulps of 1 +- the tolerance
+    truth[edge, 0] += np.float32(derive.TRUTH_SUM_TOLERANCE) * rng.choice([-1, 1], edge.sum()) \
+        * (1 + rng.normal(0, 1e-3, edge.sum())).astype(np.float32)
+    for t in (truth, truth.astype(np.float64)):
+        stacked = t.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            expected = (stacked < 0).any(axis=1) | (stacked > 1).any(axis=1)
+            expected |= np.abs(stacked.sum(axis=1) - 1.0) > derive.TRUTH_SUM_TOLERANCE
+        got = derive._bad_truth([np.ascontiguousarray(c) for c in t.T])
+        np.testing.assert_array_equal(got, expected)
+        assert 0 < got.sum() < n
+
+    codes = np.array([11, -11, 13, -13, 211, -211, 321, -321, 2212, -2212, 22, 0, 1000020040])
+    pid = rng.choice(codes, n)
+    for dtype in (np.int32, np.int64, np.float32, np.float64):
+        p = pid.astype(dtype)
+        a = np.abs(p.astype(np.int64))
+        expected = np.stack([a == 11, a == 13, np.isin(a, derive.HADRONS)]).astype(np.float32)
+        np.testing.assert_array_equal(derive.species_flags(p), expected)
+    extreme = np.array([np.iinfo(np.int32).min, np.iinfo(np.int32).max, -11], np.int32)
+    np.testing.assert_array_equal(derive.species_flags(extreme)[0], [0, 0, 1])
+
+
+def test_row_hash_blocks_give_the_whole_array_hash():
+    """row_hash works in blocks of HASH_BLOCK rows: the hash of each row is splitmix64's
+    chain over its columns, computed here on the whole arrays at once."""
+    from effgen.data import split
+
+    def mix(x):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    rng = np.random.default_rng(3)
+    n = 3 * split.HASH_BLOCK + 17
+    cols = [rng.integers(-2**31, 2**31, n).astype(np.int32), rng.normal(size=n).astype(np.float32),
+            rng.integers(0, 2**62, n)]
+    for seed in (0, 42, 2**64 - 1):
+        h = mix(np.full(n, (seed + 0x9E3779B97F4A7C15) % 2**64, dtype=np.uint64))
+        for c in cols:
+            bits = c.astype(np.int64 if c.dtype.kind == "i" else np.float64).view(np.uint64)
+            h = mix((h ^ bits) + np.uint64(0x9E3779B97F4A7C15))
+        np.testing.assert_array_equal(split.row_hash(cols, seed), h)
+        np.testing.assert_array_equal(split.row_hash([c[:5] for c in cols], seed), h[:5])
+    x = rng.integers(0, 2**63, 1000).astype(np.uint64)
+    before = x.copy()
+    np.testing.assert_array_equal(split.mix(x), mix(before))
+    np.testing.assert_array_equal(x, before)  # mix leaves its input alone
+
+
+def test_fit_in_a_child_process_is_the_fresh_process_fit(tmp_path):
+    """FitProcess (the fit beside pass 1, so that scikit-learn is imported on another
+    core) returns the bytes pickle.dumps gives for the same fit in a fresh process (the
+    old in-process path of the CLI), and quantile tables that transform exactly as the
+    fitted object does; its files are removed."""
+    from support import raw_features
+
+    from effgen.data.fit_process import FitProcess
+
+    X = raw_features(30_000, 4)  # repeated quantiles: both paths of transform
+    np.save(tmp_path / "x.npy", X)
+    code = ("import pickle, sys, numpy as np; from effgen.data import preprocess; "
+            f"ct = preprocess.fit_preprocessing(np.load({str(tmp_path / 'x.npy')!r}), 7); "
+            "sys.stdout.buffer.write(pickle.dumps(ct, protocol=pickle.HIGHEST_PROTOCOL))")
+    fresh = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True).stdout
+    (tmp_path / "x.npy").unlink()
+    fitter = FitProcess.start()
+    try:
+        blob, tables = fitter.fit(X, 7, tmp_path)
+    finally:
+        fitter.close()
+    assert blob == fresh
+    ct = preprocess.fit_preprocessing(X, 7)
+    quantile = ct.named_transformers_["quantile"]
+    np.testing.assert_array_equal(tables.quantiles_, quantile.quantiles_)
+    np.testing.assert_array_equal(tables.references_, quantile.references_)
+    probe = np.concatenate([raw_features(20_000, 5), X[:5000]])
+    probe[:50, 0] = [-1e30, 1e30, 0.0, -0.0, 3e38] * 10
+    expected = ct.transform(probe.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(preprocess.transform(tables, probe), expected)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_process_failures_name_the_cause(tmp_path):
+    from effgen.data.fit_process import FitProcess
+
+    fitter = FitProcess.start()
+    with pytest.raises(errors.PreprocessingError, match=r"child process .*expected an \(n, 12\)"):
+        fitter.fit(np.zeros((5, 11), np.float32), 0, tmp_path)
+    fitter.close()
+    fitter.close()  # closing twice is harmless
+
+
+def test_fit_process_imports_scikit_learn_before_the_request():
+    """The child's point: scikit-learn is imported as soon as it starts (beside pass 1),
+    not when the fit sample arrives. Given no request at all, it still imports it."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "effgen.data.fit_process"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
+    assert "sklearn.preprocessing" in proc.stderr and "sklearn.compose" in proc.stderr

@@ -174,6 +174,19 @@ def test_single_process_path_does_not_use_dask(arrays, tmp_path):
     assert (tmp_path / "data" / "train" / "part-00000.feather").exists()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_fit_runs_in_a_child_and_preprocess_never_imports_scikit_learn(arrays, tmp_path, workers):
+    """The fit runs in effgen.data.fit_process's child, started before pass 1: this
+    process never imports scikit-learn, with or without dask."""
+    path = write_root(tmp_path / "t.root", take(arrays, slice(0, 3000)))
+    code = ("import sys; from effgen.data import preprocess; "
+            f"preprocess.preprocess({str(path)!r}, {str(tmp_path / 'data')!r}, "
+            f"{str(tmp_path / 'tX.pkl')!r}, 1, shard_rows=1500, progress=False, workers={workers}); "
+            "assert 'sklearn' not in sys.modules, 'sklearn imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "tX.pkl").exists()
+
+
 def test_sorted_input_gives_the_same_shuffled_shards(reference, arrays, tmp_path):
     """A tuple sorted by momentum: same rows in every split, every shard and every place
     in a shard (only row_id, the input position, differs), same preprocessing. So each

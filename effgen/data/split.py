@@ -27,14 +27,16 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 BUCKET, ORDER, PRIORITY = 1, 2, 3
 
 
-def mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, vectorised (uint64 arithmetic wraps)."""
-    x = x ^ (x >> np.uint64(30))
-    x *= _M1
-    x ^= x >> np.uint64(27)
-    x *= _M2
-    x ^= x >> np.uint64(31)
-    return x
+def mix(x: np.ndarray, out: np.ndarray = None, tmp: np.ndarray = None) -> np.ndarray:
+    """splitmix64's finaliser, vectorised (uint64 arithmetic wraps), into `out` (a new
+    array by default; x itself allowed), with `tmp` (x's shape) as scratch if given."""
+    tmp = np.right_shift(x, np.uint64(30), out=tmp)
+    out = np.bitwise_xor(x, tmp, out=out)
+    out *= _M1
+    out ^= np.right_shift(out, np.uint64(27), out=tmp)
+    out *= _M2
+    out ^= np.right_shift(out, np.uint64(31), out=tmp)
+    return out
 
 
 def _bits(values) -> np.ndarray:
@@ -44,20 +46,30 @@ def _bits(values) -> np.ndarray:
     return v.astype(np.float64).view(np.uint64)
 
 
+# Rows hashed per block: the block's arrays stay in the CPU's cache across the rounds.
+HASH_BLOCK = 1 << 15
+
+
 def row_hash(columns, seed: int) -> np.ndarray:
     """uint64 hash per row of the given columns (a list of equal-length arrays)."""
     n = len(columns[0])
-    h = mix(np.full(n, np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + GOLDEN, dtype=np.uint64))
-    for c in columns:
-        h ^= _bits(c)
-        h += GOLDEN
-        h = mix(h)
+    start = mix(np.full(1, (seed + _GOLDEN) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))[0]
+    h = np.full(n, start, dtype=np.uint64)
+    tmp = np.empty(min(n, HASH_BLOCK), np.uint64)
+    for lo in range(0, n, HASH_BLOCK):
+        hb = h[lo:lo + HASH_BLOCK]
+        t = tmp[:len(hb)]
+        for c in columns:
+            hb ^= _bits(c[lo:lo + HASH_BLOCK])
+            hb += GOLDEN
+            mix(hb, out=hb, tmp=t)
     return h
 
 
 def stream(h: np.ndarray, which: int) -> np.ndarray:
     """An independent uint64 stream derived from the row hash."""
-    return mix(h ^ np.uint64((which * _GOLDEN) & 0xFFFFFFFFFFFFFFFF))
+    x = h ^ np.uint64((which * _GOLDEN) & 0xFFFFFFFFFFFFFFFF)
+    return mix(x, out=x)
 
 
 def unit(h: np.ndarray) -> np.ndarray:
