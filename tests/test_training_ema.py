@@ -47,7 +47,8 @@ def _crashing(x, y, after_batches):
 
 def _ema_recipe(momentum=0.8, **changes):
     phase = replace(DEFAULT.phases[0], ema_momentum=momentum, time_limit_s=3600)
-    return replace(DEFAULT, phases=(phase,), steps_per_epoch=STEPS, **changes)
+    # One step per call, so the probe sees every step.
+    return replace(DEFAULT, phases=(phase,), steps_per_epoch=STEPS, **{"steps_per_execution": 1, **changes})
 
 
 def _run_dir(path):
@@ -162,8 +163,8 @@ def test_phase_refuses_a_momentum_outside_0_1():
 def test_steps_per_execution_and_jit_reach_keras_and_every_step_is_counted(tiny_dataset, tmp_path,
                                                                            monkeypatch):
     _, calls = _probe_fit(monkeypatch)
-    recipe = replace(_ema_recipe(momentum=0.0, max_epochs=2), steps_per_execution=5,
-                     jit_compile=True, batch_size=BATCH)
+    recipe = _ema_recipe(momentum=0.0, max_epochs=2, steps_per_execution=5, jit_compile=True,
+                         batch_size=BATCH)
     history = train_module.train(tiny_dataset["train"], tiny_dataset["validation"],
                                  tmp_path / "m.keras", recipe=recipe, width=8, blocks=1, verbose=0)
     (model,) = calls
@@ -171,6 +172,10 @@ def test_steps_per_execution_and_jit_reach_keras_and_every_step_is_counted(tiny_
     (phase,) = history["phases"]
     assert [e["steps"] for e in phase["epochs"]] == [STEPS, STEPS]
     assert history["recipe"]["steps_per_execution"] == 5
+    # Epochs stay whole: the steps per call are lowered to divide them.
+    assert train_module.steps_per_execution(replace(recipe, steps_per_execution=10)) == 5
+    assert train_module.steps_per_execution(replace(recipe, steps_per_epoch=1000,
+                                                    steps_per_execution=10)) == 10
 
 
 def test_schedule_counts_the_steps_of_multi_step_executions():
@@ -183,3 +188,24 @@ def test_schedule_counts_the_steps_of_multi_step_executions():
             cb.on_train_batch_end(last)
     assert cb.steps == 40
     assert cb.progress() == pytest.approx(0.4)
+
+
+def test_ema_momentum_warms_up_and_a_short_run_ends_on_its_late_weights(tmp_path, monkeypatch):
+    assert train_module.ema_momentum_at(0.999, 0) == pytest.approx(0.1)
+    assert train_module.ema_momentum_at(0.999, 90) == pytest.approx(0.91)
+    assert train_module.ema_momentum_at(0.999, 10**6) == 0.999
+    probes, _ = _probe_fit(monkeypatch)
+    x, y = _learnable()
+    run = _run_dir(tmp_path / "run")
+    recipe = _ema_recipe(momentum=0.999, max_epochs=2)
+    run_phases(lambda: build_model(width=8, n_blocks=1, l2=0.0, seed=0), lambda i, e: _batches(x, y),
+               tf.data.Dataset.from_tensors((x[:1000], y[:1000])), run, recipe=recipe, verbose=0)
+    (probe,) = probes
+    # Replay the warm-up on the raw weights the probe saw: the average follows it (a fixed
+    # 0.999 would have kept the first step's weights almost unchanged).
+    expect = probe.after_batch[0][0]
+    for step in range(1, 2 * STEPS):
+        m = train_module.ema_momentum_at(0.999, step)
+        expect = [m * a + (1 - m) * w for a, w in zip(expect, probe.after_batch[step][0])]
+    for a, b in zip(probe.after_batch[-1][1], expect):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
