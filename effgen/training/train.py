@@ -97,7 +97,8 @@ def _callback_classes():
             self._steps = 0
 
         def on_train_batch_end(self, batch, logs=None):
-            self._steps += 1
+            # `batch` is the last step of the execution (several with steps_per_execution).
+            self._steps = batch + 1
 
         def on_epoch_end(self, epoch, logs=None):
             now = time.monotonic()
@@ -133,6 +134,10 @@ def _callback_classes():
             self.phase, self.total_steps = phase, max(int(total_steps), 1)
             self.steps, self.limit_s, self.already_s = int(steps_done), float(limit_s), float(already_s)
             self.by_time = False
+            self._last_batch = -1
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._last_batch = -1
 
         def on_train_begin(self, logs=None):
             self._start = self.clock()
@@ -148,24 +153,118 @@ def _callback_classes():
             self.model.optimizer.learning_rate = self.phase.learning_rate_at(self.progress())
 
         def on_train_batch_end(self, batch, logs=None):
-            self.steps += 1
+            # With steps_per_execution > 1 one call ends several steps; `batch` is the last.
+            self.steps += batch - self._last_batch
+            self._last_batch = batch
             # Out of time: the rate is at its floor; end the epoch here rather than run
             # the rest of it past the limit (the time limit then ends the phase).
             if self.progress() >= 1.0 and self.by_time:
                 self.model.stop_training = True
 
+    class EMAWeights(keras.callbacks.Callback):
+        """With an optimizer that keeps an average of the weights (`use_ema`): put the
+        averaged weights into the model from validation until the next epoch begins, so
+        val_loss, early stopping's best weights and both checkpoints are the average's.
+        Must come first among the callbacks. While swapped, the optimizer's average slots
+        hold the raw weights: a checkpoint thus stores both, and `swap_ema` undoes the
+        swap after a resume. Training itself always steps the raw weights.
+
+        The momentum warms up, min(momentum, (1 + t) / (10 + t)) at step t, as in
+        TensorFlow's ExponentialMovingAverage(num_updates): a run of a few hundred steps
+        averages its own later steps instead of staying near its first weights."""
+
+        def __init__(self, momentum):
+            super().__init__()
+            self.momentum = float(momentum)
+            self.swapped = False
+
+        def on_train_batch_begin(self, batch, logs=None):
+            opt = self.model.optimizer
+            if not isinstance(opt.ema_momentum, float):  # once the step has been traced
+                t = float(opt.iterations.numpy())
+                opt.ema_momentum.assign(ema_momentum_at(self.momentum, t))
+
+        def _swap_in(self):
+            if not self.swapped:
+                swap_ema(self.model)
+                self.swapped = True
+
+        def on_test_begin(self, logs=None):
+            self._swap_in()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._swap_in()  # also when the epoch had no validation
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.swapped:
+                swap_ema(self.model)
+                self.swapped = False
+
     _CLASSES.update(TimeLimitCallback=TimeLimitCallback,
                     ResumableEarlyStopping=ResumableEarlyStopping,
-                    PhaseRecorder=PhaseRecorder, ScheduleCallback=ScheduleCallback)
+                    PhaseRecorder=PhaseRecorder, ScheduleCallback=ScheduleCallback,
+                    EMAWeights=EMAWeights)
     return _CLASSES
 
 
 def __getattr__(name):
     # `from effgen.training.train import TimeLimitCallback` works without importing Keras
     # when this module is merely imported (e.g. by `effgen --help`).
-    if name in ("TimeLimitCallback", "ResumableEarlyStopping", "PhaseRecorder", "ScheduleCallback"):
+    if name in ("TimeLimitCallback", "ResumableEarlyStopping", "PhaseRecorder", "ScheduleCallback",
+                "EMAWeights"):
         return _callback_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def ema_momentum_at(momentum, step):
+    """The EMA's momentum at optimizer step `step` (see EMAWeights)."""
+    return min(float(momentum), (1.0 + step) / (10.0 + step))
+
+
+def variable_ema_momentum(model, momentum):
+    """Make the optimizer read its EMA momentum from a variable, so EMAWeights can warm it
+    up without retracing the training step; `float_ema_momentum` puts a plain number back
+    for saving (the optimizer's config must hold one)."""
+    import keras
+    opt = model.optimizer
+    value = keras.Variable(ema_momentum_at(momentum, float(opt.iterations.numpy())),
+                           dtype="float32", trainable=False, name="ema_momentum")
+    # Bypass the optimizer's attribute tracking: the variable must not join its saved
+    # state (a reloaded optimizer would then not match it and skip loading its state).
+    object.__setattr__(opt, "ema_momentum", value)
+
+
+class float_ema_momentum:
+    """Context: the model's optimizer holds a plain-number EMA momentum (for model.save)."""
+
+    def __init__(self, model, momentum):
+        self.opt, self.momentum = getattr(model, "optimizer", None), float(momentum)
+
+    def __enter__(self):
+        self.saved = getattr(self.opt, "ema_momentum", None)
+        if self.saved is not None and not isinstance(self.saved, float):
+            object.__setattr__(self.opt, "ema_momentum", self.momentum)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None and not isinstance(self.saved, float):
+            object.__setattr__(self.opt, "ema_momentum", self.saved)
+        return False
+
+
+def swap_ema(model):
+    """Exchange the model's trainable weights with its optimizer's moving averages of them
+    (Keras keeps those in `_model_variables_moving_average`, in the order of
+    `_trainable_variables`, as its own SwapEMAWeights callback assumes)."""
+    import numpy as np
+    opt = model.optimizer
+    averages = getattr(opt, "_model_variables_moving_average", None)
+    if not getattr(opt, "use_ema", False) or averages is None:
+        raise TrainingError("swap_ema: the model's optimizer keeps no moving average (use_ema)")
+    for var, avg in zip(opt._trainable_variables, averages, strict=True):
+        raw = np.array(var.numpy())
+        var.assign(avg)
+        avg.assign(raw)
 
 
 def _finite_or_none(value):
@@ -205,7 +304,8 @@ class RunDir:
         return self.path / f"{phase.name}-{which}.keras"
 
     def save_model(self, model, phase, which):
-        with atomic_path(self.model_path(phase, which)) as tmp:
+        with atomic_path(self.model_path(phase, which)) as tmp, \
+                float_ema_momentum(model, phase.ema_momentum):
             model.save(tmp)
 
     def load_model(self, phase, which):
@@ -245,19 +345,29 @@ class RunDir:
 def make_optimizer(phase, learning_rate=None):
     import keras
     rate = phase.learning_rate if learning_rate is None else learning_rate
+    # Keras' EMA starts the average at the first step's weights (no bias correction needed).
+    ema = {"use_ema": True, "ema_momentum": phase.ema_momentum} if phase.ema_momentum else {}
     if phase.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(rate)
+        return keras.optimizers.RMSprop(rate, **ema)
     if phase.optimizer == "adam":
-        return keras.optimizers.Adam(rate)
-    return keras.optimizers.AdamW(rate, weight_decay=phase.weight_decay)
+        return keras.optimizers.Adam(rate, **ema)
+    return keras.optimizers.AdamW(rate, weight_decay=phase.weight_decay, **ema)
 
 
-def _compile(model, phase):
+def steps_per_execution(recipe):
+    """The recipe's steps per call, lowered to divide its epochs (Keras would otherwise round
+    every epoch up to a whole number of calls)."""
+    return math.gcd(int(recipe.steps_per_execution), int(recipe.steps_per_epoch))
+
+
+def _compile(model, phase, recipe=SEED):
     import keras
     losses = {"categorical": keras.losses.CategoricalCrossentropy,
               "binary": keras.losses.BinaryCrossentropy}
     model.compile(loss=losses[phase.loss](label_smoothing=phase.label_smoothing),
-                  optimizer=make_optimizer(phase, phase.learning_rate_at(0.0)))
+                  optimizer=make_optimizer(phase, phase.learning_rate_at(0.0)),
+                  steps_per_execution=steps_per_execution(recipe),
+                  jit_compile=recipe.jit_compile)
 
 
 def _resume_early_stopping(run, phase, epochs):
@@ -303,11 +413,16 @@ def run_phases(build, make_train_data, validation_data, run, *, recipe=SEED, ste
                   f"({ph['elapsed_s']:.1f}s of {limit_s:g}s used)", flush=True)
             ph["resumed_at_epochs"].append(len(epochs))
             model = run.load_model(phase, "last")  # compiled, optimizer state included
+            if phase.ema_momentum:
+                swap_ema(model)  # the checkpoint holds the average in the model (EMAWeights)
+                variable_ema_momentum(model, phase.ema_momentum)
             resume_es = _resume_early_stopping(run, phase, epochs)
         else:
             if model is None:
                 model = _load_phase_result(run, phases[index - 1]) if index else build()
-            _compile(model, phase)
+            _compile(model, phase, recipe)
+            if phase.ema_momentum:
+                variable_ema_momentum(model, phase.ema_momentum)
             resume_es = None
             print(f"== {phase.name}: {phase.optimizer}, {phase.schedule} learning rate "
                   f"{phase.learning_rate:g}, label smoothing "
@@ -322,6 +437,8 @@ def run_phases(build, make_train_data, validation_data, run, *, recipe=SEED, ste
         timer = cls["TimeLimitCallback"](limit_s, already_s=ph["elapsed_s"])
         recorder = cls["PhaseRecorder"](run, phase, already_s=ph["elapsed_s"])
         callbacks = [early, timer, recorder]
+        if phase.ema_momentum:
+            callbacks.insert(0, cls["EMAWeights"](phase.ema_momentum))
         if phase.schedule != "constant":
             callbacks.insert(0, cls["ScheduleCallback"](
                 phase, max_epochs * steps_per_epoch, len(epochs) * steps_per_epoch, limit_s,
@@ -621,7 +738,8 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
         # implies its history is there.
         history_tmp = staged.path(output_model.with_name("history.json"))
         model_tmp = staged.path(output_model)
-        model.save(model_tmp)
+        with float_ema_momentum(model, recipe.phases[-1].ema_momentum):
+            model.save(model_tmp)
         history["model_sha256"] = sha256_of(model_tmp)
         history_tmp.write_text(json.dumps(history, indent=1))
     run.clear()
