@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from effgen import schema
-from effgen.training.validate import calibration, compute_metrics, log_loss, species_masks, validate
+from effgen.training.validate import (
+    _stacked_histograms,
+    calibration,
+    compute_metrics,
+    log_loss,
+    species_masks,
+    validate,
+)
 
 
 def _draw(prob, rng):
@@ -27,6 +34,23 @@ def test_log_loss_is_the_mean_negative_log_of_the_label_probability():
     assert log_loss(prob, np.array([0, 1])) == pytest.approx(-(np.log(0.5) + np.log(0.8)) / 2)
     # A zero probability on the label is floored, not infinite.
     assert np.isfinite(log_loss(np.array([[1.0, 0.0]]), np.array([1])))
+
+
+def test_stacked_histograms_equal_matplotlibs_stacked_hist():
+    """The momentum-bin stacks are summed with numpy and drawn as stairs; the heights must
+    be those of matplotlib's own stacked, weighted histogram."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=20_000)
+    weights = rng.dirichlet(np.ones(4), size=20_000)
+    bins = np.linspace(-3, 3, 31)
+    fig, ax = plt.subplots()
+    expected, _, _ = ax.hist([values] * 4, bins=bins, weights=list(weights.T), stacked=True)
+    plt.close(fig)
+    np.testing.assert_allclose(_stacked_histograms(values, weights, bins), np.asarray(expected),
+                               rtol=1e-12, atol=1e-9)
 
 
 def test_calibration_separates_calibrated_from_distorted_predictions():
