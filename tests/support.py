@@ -196,3 +196,20 @@ def feature_rows(features_path):
     table = feather.read_table(features_path, columns=schema.FEATURES + [schema.PID])
     raw = np.column_stack([table.column(c).to_numpy() for c in schema.FEATURES]).astype(np.float32)
     return raw, table.column(schema.PID).to_numpy().astype(np.int64)
+
+
+def learnable_sample(n=4096, seed=0):
+    """12 features and one-hot labels drawn from probabilities that depend on them."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 12)).astype("float32")
+    logits = np.stack([x[:, 0], 2 * x[:, 1], -x[:, 0], np.zeros(n)], axis=1)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    cls = (rng.random(n)[:, None] > np.cumsum(p, axis=1)).sum(axis=1)
+    return x, np.eye(4, dtype="float32")[cls]
+
+
+def repeated_batches(x, y, batch, seed=0):
+    """A shuffled, endlessly repeated tf.data stream of whole batches."""
+    import tensorflow as tf
+    return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
+            .batch(batch, drop_remainder=True).repeat())

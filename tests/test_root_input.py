@@ -164,13 +164,19 @@ def test_dask_workers_give_byte_identical_outputs(arrays, tmp_path):
             assert _output_bytes(out) == expected, (workers, scheduler, step)
 
 
-def test_single_process_path_does_not_use_dask(arrays, tmp_path):
+def _preprocess_in_fresh_python(arrays, tmp_path, workers, assertion):
+    """Preprocess 3000 rows in a new interpreter, then run `assertion` there (which
+    modules a run imports can only be seen in a process that imported nothing before)."""
     path = write_root(tmp_path / "t.root", take(arrays, slice(0, 3000)))
     code = ("import sys; from effgen.data import preprocess; "
             f"preprocess.preprocess({str(path)!r}, {str(tmp_path / 'data')!r}, "
-            f"{str(tmp_path / 'tX.pkl')!r}, 1, shard_rows=1500, progress=False, workers=1); "
-            "assert 'dask' not in sys.modules")
+            f"{str(tmp_path / 'tX.pkl')!r}, 1, shard_rows=1500, progress=False, workers={workers}); "
+            + assertion)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_single_process_path_does_not_use_dask(arrays, tmp_path):
+    _preprocess_in_fresh_python(arrays, tmp_path, 1, "assert 'dask' not in sys.modules")
     assert (tmp_path / "data" / "train" / "part-00000.feather").exists()
 
 
@@ -178,12 +184,8 @@ def test_single_process_path_does_not_use_dask(arrays, tmp_path):
 def test_the_fit_runs_in_a_child_and_preprocess_never_imports_scikit_learn(arrays, tmp_path, workers):
     """The fit runs in effgen.data.fit_process's child, started before pass 1: this
     process never imports scikit-learn, with or without dask."""
-    path = write_root(tmp_path / "t.root", take(arrays, slice(0, 3000)))
-    code = ("import sys; from effgen.data import preprocess; "
-            f"preprocess.preprocess({str(path)!r}, {str(tmp_path / 'data')!r}, "
-            f"{str(tmp_path / 'tX.pkl')!r}, 1, shard_rows=1500, progress=False, workers={workers}); "
-            "assert 'sklearn' not in sys.modules, 'sklearn imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    _preprocess_in_fresh_python(arrays, tmp_path, workers,
+                                "assert 'sklearn' not in sys.modules, 'sklearn imported'")
     assert (tmp_path / "tX.pkl").exists()
 
 

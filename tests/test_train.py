@@ -15,26 +15,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import learnable_sample, repeated_batches
 
 from effgen.training.network import build_model
 from effgen.training.train import PHASES, RunDir, TimeLimitCallback, checkpoint_dir, run_phases, train
 
 BATCH, STEPS = 256, 5
-
-
-def _learnable(n=4096, seed=0):
-    """Labels drawn from probabilities that depend on the features."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 12)).astype("float32")
-    logits = np.stack([x[:, 0], 2 * x[:, 1], -x[:, 0], np.zeros(n)], axis=1)
-    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    cls = (rng.random(n)[:, None] > np.cumsum(p, axis=1)).sum(axis=1)
-    return x, np.eye(4, dtype="float32")[cls]
-
-
-def _batches(x, y, seed=0):
-    return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
-            .batch(BATCH, drop_remainder=True).repeat())
 
 
 def _run_dir(tmp_path, fingerprint=None):
@@ -53,7 +39,7 @@ def _fit(run, make_data, val, *, max_epochs, limits):
 
 
 def test_time_limit_callback_stops_and_prints(capsys):
-    x, y = _learnable(1024)
+    x, y = learnable_sample(1024)
     model = _build()
     model.compile(loss="categorical_crossentropy", optimizer="rmsprop")
     stop = TimeLimitCallback(0)
@@ -70,13 +56,13 @@ def test_time_limit_callback_stops_and_prints(capsys):
 
 
 def test_both_phases_run_with_the_seed_recipe_and_end_on_best_weights(tmp_path):
-    x, y = _learnable()
+    x, y = learnable_sample()
     val = tf.data.Dataset.from_tensors((x[:1000], y[:1000]))
     seen_phases = []
 
     def make_data(phase_index, epochs_done):
         seen_phases.append((phase_index, epochs_done))
-        return _batches(x, y, seed=phase_index)
+        return repeated_batches(x, y, BATCH, seed=phase_index)
 
     run = _run_dir(tmp_path)
     model = _fit(run, make_data, val, max_epochs=3, limits=(3600, 3600))
@@ -108,12 +94,12 @@ def test_both_phases_run_with_the_seed_recipe_and_end_on_best_weights(tmp_path):
 def test_early_stopping_uses_each_phase_patience_and_restores_the_best(tmp_path):
     # Training pushes towards class 1 while validation is all class 0, so the
     # validation loss rises after the first epoch of each phase.
-    x, _ = _learnable(2048)
+    x, _ = learnable_sample(2048)
     y_train = np.tile(np.eye(4, dtype="float32")[1], (len(x), 1))
     y_val = np.tile(np.eye(4, dtype="float32")[0], (512, 1))
     val = tf.data.Dataset.from_tensors((x[:512], y_val))
     run = _run_dir(tmp_path)
-    model = _fit(run, lambda i, e: _batches(x, y_train), val, max_epochs=50, limits=(3600, 3600))
+    model = _fit(run, lambda i, e: repeated_batches(x, y_train, BATCH), val, max_epochs=50, limits=(3600, 3600))
     phases = run.state["phases"]
     for phase in PHASES:
         ph = phases[phase.name]
@@ -125,10 +111,10 @@ def test_early_stopping_uses_each_phase_patience_and_restores_the_best(tmp_path)
 
 
 def test_time_limit_stops_each_phase(tmp_path, capsys):
-    x, y = _learnable()
+    x, y = learnable_sample()
     val = tf.data.Dataset.from_tensors((x[:500], y[:500]))
     run = _run_dir(tmp_path)
-    _fit(run, lambda i, e: _batches(x, y), val, max_epochs=50, limits=(0, 0))
+    _fit(run, lambda i, e: repeated_batches(x, y, BATCH), val, max_epochs=50, limits=(0, 0))
     for phase in PHASES:
         ph = run.state["phases"][phase.name]
         assert ph["stop_reason"] == "time_limit"
@@ -150,11 +136,11 @@ def _crashing(x, y, after_batches):
 
 
 def test_resume_after_a_crash_skips_the_finished_phase_and_continues(tmp_path, capsys):
-    x, y = _learnable()
+    x, y = learnable_sample()
     val = tf.data.Dataset.from_tensors((x[:1000], y[:1000]))
 
     def crash_in_phase_2(phase_index, epochs_done):
-        return _batches(x, y) if phase_index == 0 else _crashing(x, y, 2 * STEPS + 2)
+        return repeated_batches(x, y, BATCH) if phase_index == 0 else _crashing(x, y, 2 * STEPS + 2)
 
     run = _run_dir(tmp_path)
     with pytest.raises(Exception, match="shard vanished"):
@@ -171,7 +157,7 @@ def test_resume_after_a_crash_skips_the_finished_phase_and_continues(tmp_path, c
 
     def healthy(phase_index, epochs_done):
         calls.append((phase_index, epochs_done))
-        return _batches(x, y)
+        return repeated_batches(x, y, BATCH)
 
     model = _fit(resumed, healthy, val, max_epochs=6, limits=(3600, 3600))
     out = capsys.readouterr().out

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import learnable_sample, repeated_batches
 
 from effgen.training import train as train_module
 from effgen.training.network import build_model
@@ -18,20 +19,6 @@ from effgen.training.recipes import DEFAULT, Phase
 from effgen.training.train import RunDir, run_phases, swap_ema
 
 BATCH, STEPS = 256, 5
-
-
-def _learnable(n=4096, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 12)).astype("float32")
-    logits = np.stack([x[:, 0], 2 * x[:, 1], -x[:, 0], np.zeros(n)], axis=1)
-    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    cls = (rng.random(n)[:, None] > np.cumsum(p, axis=1)).sum(axis=1)
-    return x, np.eye(4, dtype="float32")[cls]
-
-
-def _batches(x, y):
-    return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0)
-            .batch(BATCH, drop_remainder=True).repeat())
 
 
 def _crashing(x, y, after_batches):
@@ -99,12 +86,12 @@ def _same(a, b):
 
 def test_ema_weights_are_validated_checkpointed_and_returned(tmp_path, monkeypatch):
     probes, _ = _probe_fit(monkeypatch)
-    x, y = _learnable()
+    x, y = learnable_sample()
     val_x, val_y = x[:1000], y[:1000]
     run = _run_dir(tmp_path / "run")
     recipe = _ema_recipe(max_epochs=3)
     model = run_phases(lambda: build_model(width=8, n_blocks=1, l2=0.0, seed=0),
-                       lambda i, e: _batches(x, y), tf.data.Dataset.from_tensors((val_x, val_y)),
+                       lambda i, e: repeated_batches(x, y, BATCH), tf.data.Dataset.from_tensors((val_x, val_y)),
                        run, recipe=recipe, verbose=0)
     (probe,) = probes
     ph = run.state["phases"][recipe.phases[0].name]
@@ -126,7 +113,7 @@ def test_ema_weights_are_validated_checkpointed_and_returned(tmp_path, monkeypat
 
 def test_resume_with_ema_continues_from_the_trained_weights_and_their_average(tmp_path, monkeypatch):
     probes, _ = _probe_fit(monkeypatch)
-    x, y = _learnable()
+    x, y = learnable_sample()
     val = tf.data.Dataset.from_tensors((x[:1000], y[:1000]))
     path = tmp_path / "run"
     recipe = _ema_recipe(max_epochs=3)
@@ -141,7 +128,7 @@ def test_resume_with_ema_continues_from_the_trained_weights_and_their_average(tm
 
     resumed = RunDir(path, {"test": 1}, recipe.phases)
     assert resumed.try_resume() is None
-    model = run_phases(build, lambda i, e: _batches(x, y), val, resumed, recipe=recipe, verbose=0)
+    model = run_phases(build, lambda i, e: repeated_batches(x, y, BATCH), val, resumed, recipe=recipe, verbose=0)
     weights, averages = probes[1].at_start
     assert _same(weights, raw) and _same(averages, average)
     assert resumed.state["phases"][recipe.phases[0].name]["resumed_at_epochs"] == [1]
@@ -195,10 +182,10 @@ def test_ema_momentum_warms_up_and_a_short_run_ends_on_its_late_weights(tmp_path
     assert train_module.ema_momentum_at(0.999, 90) == pytest.approx(0.91)
     assert train_module.ema_momentum_at(0.999, 10**6) == 0.999
     probes, _ = _probe_fit(monkeypatch)
-    x, y = _learnable()
+    x, y = learnable_sample()
     run = _run_dir(tmp_path / "run")
     recipe = _ema_recipe(momentum=0.999, max_epochs=2)
-    run_phases(lambda: build_model(width=8, n_blocks=1, l2=0.0, seed=0), lambda i, e: _batches(x, y),
+    run_phases(lambda: build_model(width=8, n_blocks=1, l2=0.0, seed=0), lambda i, e: repeated_batches(x, y, BATCH),
                tf.data.Dataset.from_tensors((x[:1000], y[:1000])), run, recipe=recipe, verbose=0)
     (probe,) = probes
     # Replay the warm-up on the raw weights the probe saw: the average follows it (a fixed
