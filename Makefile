@@ -33,7 +33,7 @@ $(foreach v,$(GENERATORS),$(if $($(v)),$(if $(call _unsafe,$($(v))),$(error effg
 # The main job writes its shards under $(W)/data (preprocess splits one sample there):
 # data directories pointing elsewhere are refused, not silently ignored. OUTPUT_MODEL
 # and OUTPUT_PREPROCESSING are honoured (train, validate, export use them).
-MAIN_GOALS := data train validate export lamarr-lib parity tracking
+MAIN_GOALS := data train baseline validate export lamarr-lib parity tracking
 _check_data = $(if $(filter-out $(abspath $(W)/data/$(2)),$(abspath $($(1)_DATA))),\
   $(error effgen: $(1)_DATA=$($(1)_DATA) is set, but the main job writes its $(2) shards to $(W)/data/$(2); unset it (or set W to its work directory), or run the effgen stages yourself))
 ifneq ($(filter $(MAIN_GOALS),$(MAKECMDGOALS)),)
@@ -57,6 +57,7 @@ TEST_DIR    := $(W)/data/test
 MODEL       := $(OUTPUT_MODEL)
 TX          := $(OUTPUT_PREPROCESSING)
 REPORT      := $(W)/validation/metrics.json
+BASELINE    := $(W)/baseline/predictions.npz
 LAMARR      := $(W)/lamarr
 LIB         := $(LAMARR)/$(SYMBOL).so
 LIB_SRC     := $(LAMARR)/$(SYMBOL).c
@@ -68,7 +69,7 @@ TRACKING_DIR := $(LAMARR)/tracking
 TRACKING_SPEC := $(TRACKING_DIR)/tracking.toml
 GEN_FILES   := $(foreach v,$(GENERATORS),$(if $($(v)),$(addprefix $($(v))/,model.keras tX.pkl tY.pkl)))
 
-.PHONY: setup test lamarr-lib data train validate export parity tracking bench check-hard clean distclean FORCE
+.PHONY: setup test lamarr-lib data train baseline validate export parity tracking bench check-hard clean distclean FORCE
 
 setup: $(STAMP)
 
@@ -101,11 +102,17 @@ $(MODEL): $(TRAIN_DIR)/definitions.json $(TX)
 	    $(if $(PRE_TRAINING_TIME_LIMIT_SECONDS),--pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS)) \
 	    $(if $(FINE_TUNING_TIME_LIMIT_SECONDS),--ft-limit $(FINE_TUNING_TIME_LIMIT_SECONDS))
 
-# Scored on the test split (the validation split steered training), beside the
-# gradient-boosted baseline fitted on the training split.
-$(REPORT): $(MODEL)
+# The gradient-boosted baseline, fitted on the training split while the network trains
+# (one OpenMP thread when stages run side by side: spinning threads collapse on a full
+# machine); its probabilities for the test rows that validate scores.
+$(BASELINE): $(TRAIN_DIR)/definitions.json
+	$(EFFGEN) baseline --train-data $(TRAIN_DIR) --data $(TEST_DIR) --output $@ --seed $(SEED) \
+	    --threads $(if $(filter 1,$(MAIN_JOBS)),auto,1)
+
+# Scored on the test split (the validation split steered training), beside the baseline.
+$(REPORT): $(MODEL) $(BASELINE)
 	$(EFFGEN) validate --model $(MODEL) --preprocessing $(TX) --data $(TEST_DIR) \
-	    --baseline-train-data $(TRAIN_DIR) --output-dir $(W)/validation
+	    --baseline $(BASELINE) --output-dir $(W)/validation
 
 # Records the backend, so `make lamarr-lib BACKEND=scikinc` regenerates the source.
 BACKEND_STAMP := $(LAMARR)/.backend
@@ -140,14 +147,20 @@ $(LIB): $(LIB_SRC) $(FLAGS_STAMP)
 
 # The acceptance model: same shards and tX.pkl as the efficiency, its own recipe of the
 # same name, its own time limit (the budget of the main job), checked on the test split.
+# It trains beside the efficiency model, so its epoch lines go to a log of their own
+# (shown if it fails, its last lines when it ends).
+ACC_LOG := $(W)/acceptance/train.log
 $(ACC_MODEL): $(TRAIN_DIR)/definitions.json $(TX)
+	@mkdir -p $(dir $@) && echo "effgen: acceptance training; its log: $(ACC_LOG)"
 	$(EFFGEN) train --target acceptance --resume --recipe $(RECIPE) --train-data $(TRAIN_DIR) \
 	    --validation-data $(VAL_DIR) --test-data $(TEST_DIR) --output $@ --seed $(SEED) \
 	    --ft-limit $(ACCEPTANCE_TIME_LIMIT_SECONDS) \
 	    $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
 	    $(if $(STEPS_PER_EPOCH),--steps-per-epoch $(STEPS_PER_EPOCH)) \
 	    $(if $(MAX_EPOCHS),--max-epochs $(MAX_EPOCHS)) \
-	    $(if $(PRE_TRAINING_TIME_LIMIT_SECONDS),--pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS))
+	    $(if $(PRE_TRAINING_TIME_LIMIT_SECONDS),--pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS)) \
+	    > $(ACC_LOG) 2>&1 || { tail -n 40 $(ACC_LOG); exit 1; }
+	@sed -n '/^effgen /s/^/[acceptance] /p' $(ACC_LOG)
 
 # The spec lists the symbols of tracking.so; rewritten only when its text changes (a new
 # RESOLUTION or COVARIANCE, another model path), so that make sees what changed.
@@ -167,21 +180,24 @@ $(TRACKING): $(TRACKING_SPEC) $(ACC_MODEL) $(MODEL) $(TX) $(GEN_FILES) $(FLAGS_S
 	cp $(TRACKING_DIR)/tracking.so $@.tmp.$$$$ && mv -f $@.tmp.$$$$ $@ || { rm -f $@.tmp.$$$$; exit 1; }
 
 # The main-job targets hold a lock on the work directory: concurrent runs on one $(W)
-# queue instead of interleaving (the second then finds its outputs up to date).
-LOCKED := data train validate export lamarr-lib parity tracking
+# queue instead of interleaving (the second then finds its outputs up to date). Inside,
+# up to MAIN_JOBS stages run side by side, unless the command line chose its own -j.
+LOCKED := data train baseline validate export lamarr-lib parity tracking
 LOCK   := $(W)/.effgen.lock
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
+JOBS     = $(if $(filter -j%,$(MAKEFLAGS)),,-j$(MAIN_JOBS))
 ifndef EFFGEN_HOLDS_LOCK
 $(LOCKED):
 ifeq ($(DRY_RUN),)
 	@mkdir -p $(W) && { flock -n $(LOCK) true || echo "effgen: waiting for the other run on $(W)"; } \
-	    && EFFGEN_HOLDS_LOCK=1 flock $(LOCK) $(MAKE) -f $(SELF) --no-print-directory $@
+	    && EFFGEN_HOLDS_LOCK=1 flock $(LOCK) $(MAKE) -f $(SELF) --no-print-directory $(JOBS) $@
 else
-	@EFFGEN_HOLDS_LOCK=1 $(MAKE) -f $(SELF) --no-print-directory $@
+	@EFFGEN_HOLDS_LOCK=1 $(MAKE) -f $(SELF) --no-print-directory $(JOBS) $@
 endif
 else
 data: $(TRAIN_DIR)/definitions.json
 train: $(MODEL)
+baseline: $(BASELINE)
 validate: $(REPORT)
 export: $(LIB_SRC)
 tracking: $(TRACKING)

@@ -30,6 +30,8 @@ PRE_TRAINING_TIME_LIMIT_SECONDS ?=
 FINE_TUNING_TIME_LIMIT_SECONDS ?=
 # acceptance model's training time limit in make's main job (its recipe's last phase)
 ACCEPTANCE_TIME_LIMIT_SECONDS ?= 45
+# stages of make's main job run side by side (make -j) at most
+MAIN_JOBS ?= 2
 # trained resolution generator for tracking.so: a directory with model.keras, tX.pkl, tY.pkl (empty: none)
 RESOLUTION ?=
 # trained covariance generator for tracking.so, same layout (empty: none)

@@ -20,6 +20,7 @@ STAGES = {
     "synth": "effgen.data.synth",
     "preprocess": "effgen.data.preprocess",
     "train": "effgen.training.train",
+    "baseline": "effgen.training.baseline",
     "validate": "effgen.training.validate",
     "export": "effgen.codegen.export",
     "describe": "effgen.checks.describe",

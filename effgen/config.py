@@ -59,6 +59,10 @@ _KNOBS = (
          "acceptance model's training time limit in make's main job (its recipe's last phase)",
          minimum=0),
     # export and the library build.
+    # The baseline fit and the acceptance training take one core beside the efficiency
+    # training, instead of ~2 minutes of the main job's 10 after it.
+    Knob("MAIN_JOBS", 2, "int", "stages of make's main job run side by side (make -j) at most",
+         minimum=1),
     Knob("RESOLUTION", "", "str",
          "trained resolution generator for tracking.so: a directory with model.keras, tX.pkl, "
          "tY.pkl (empty: none)"),
@@ -202,6 +206,7 @@ def default_paths() -> dict:
         "acceptance_model": w / "acceptance" / "model.keras",
         "preprocessing": value("OUTPUT_PREPROCESSING"),
         "validation_report": w / "validation",
+        "baseline": w / "baseline" / "predictions.npz",
         "lamarr": w / "lamarr",
         "parity": w / "parity",
         "bench": w / "bench",

@@ -10,7 +10,7 @@ from support import build_abi_library, fit_preprocessing, seed_like_model
 
 from effgen import cli, config
 
-STAGES = ["synth", "preprocess", "train", "validate", "export", "describe", "parity", "lamarr",
+STAGES = ["synth", "preprocess", "train", "baseline", "validate", "export", "describe", "parity", "lamarr",
           "bench"]
 
 
@@ -67,6 +67,11 @@ def _cases(f, tiny, tmp):
         ("validate", "corrupt pickle", ["--model", m, "--preprocessing", str(f["corrupt_pkl"]),
                                         "--data", data, "--output-dir", out], {}),
         ("validate", "bad flag", ["--max-rows", "many"], {}),
+        ("validate", "corrupt baseline", ["--model", m, "--data", data, "--output-dir", out,
+                                          "--baseline", str(f["corrupt_feather"])], {}),
+        ("baseline", "missing file", ["--train-data", str(f["missing"]), "--data", data,
+                                      "--output", out + "/b.npz"], {}),
+        ("baseline", "bad flag", ["--threads", "0"], {}),
         ("export", "missing file", ["--model", m, "--preprocessing", str(f["missing"]),
                                     "--output-dir", out], {}),
         ("export", "corrupt pickle", ["--model", m, "--preprocessing", str(f["corrupt_pkl"]),
@@ -112,10 +117,10 @@ def test_every_stage_is_covered(files, tiny_dataset, tmp_path):
         assert "corrupt" in covered[stage], stage
 
 
-@pytest.mark.parametrize("index", range(35))
+@pytest.mark.parametrize("index", range(38))
 def test_one_line_and_exit_1(index, files, tiny_dataset, tmp_path, monkeypatch, capsys):
     cases = _cases(files, tiny_dataset, tmp_path)
-    assert len(cases) == 35  # keep the parametrize range in step
+    assert len(cases) == 38  # keep the parametrize range in step
     stage, what, argv, env = cases[index]
     for name in config.KNOBS:
         monkeypatch.delenv(name, raising=False)

@@ -287,3 +287,32 @@ def test_a_generator_directory_without_its_files_stops_make_clearly(tmp_path, mi
     assert f"RESOLUTION={res} holds no {missing}" in proc.stderr
     bad = _make("-n", "lamarr-lib", f"W={tmp_path / 'w'}", "COVARIANCE=a;b")
     assert bad.returncode != 0 and "COVARIANCE='a;b' holds a space or a shell character" in bad.stderr
+
+
+def test_the_baseline_is_fitted_beside_the_training_and_validate_reads_it(tmp_path):
+    """Up to MAIN_JOBS stages side by side (the baseline with one thread beside the
+    training), unless the command line gives its own -j."""
+    work = tmp_path / "w"
+
+    def lines(*args):
+        proc = _make("-n", "lamarr-lib", f"W={work}", "SEED=7", *args)
+        assert proc.returncode == 0, proc.stderr
+        return [" ".join(line.split()) for line in proc.stdout.replace("\\\n", " ").splitlines()]
+
+    default = lines()
+    assert "-j2 lamarr-lib" in default[0], default[0]
+    baseline = next(line for line in default if "effgen baseline" in line)
+    for flag in (f"--train-data {work}/data/train", f"--data {work}/data/test",
+                 f"--output {work}/baseline/predictions.npz", "--seed 7", "--threads 1"):
+        assert flag in baseline, baseline
+    validate = next(line for line in default if "effgen validate" in line)
+    assert f"--baseline {work}/baseline/predictions.npz" in validate
+    assert "--baseline-train-data" not in validate
+    # The acceptance model's epoch lines go to its own log, beside the efficiency's.
+    acceptance = next(line for line in default if "--target acceptance" in line)
+    assert f"> {work}/acceptance/train.log 2>&1" in acceptance
+
+    alone = lines("MAIN_JOBS=1")
+    assert "-j1 lamarr-lib" in alone[0]
+    assert "--threads auto" in next(line for line in alone if "effgen baseline" in line)
+    assert "-j2" not in lines("-j3")[0]

@@ -303,3 +303,38 @@ def test_validate_without_truth_columns_skips_the_baseline(trained, tiny_dataset
     metrics = validate(trained, data, tmp_path / "v", max_rows=1000, baseline_train_dir=tiny_dataset["train"])
     assert "baseline" not in metrics
     assert "gradient-boosted" not in (tmp_path / "v" / "report.html").read_text()
+
+
+def test_validate_scores_the_baseline_file_as_if_it_fitted_it_and_refuses_other_rows(
+        trained, tiny_dataset, tmp_path, capsys):
+    """`effgen baseline` (run beside the training in the main job) writes what validate
+    would have fitted; validate scores it for exactly those rows, no others."""
+    from effgen import cli
+    from effgen.errors import DataError
+
+    npz = tmp_path / "baseline" / "predictions.npz"
+    assert cli.main(["baseline", "--train-data", str(tiny_dataset["train"]), "--data",
+                     str(tiny_dataset["test"]), "--max-rows", "3000", "--output", str(npz),
+                     "--threads", "1"]) == 0
+    assert "probabilities for 3,000 rows" in capsys.readouterr().out
+    from_file = validate(trained, tiny_dataset["test"], tmp_path / "a", max_rows=3000,
+                         baseline_predictions=npz)["baseline"]
+    fitted = validate(trained, tiny_dataset["test"], tmp_path / "b", max_rows=3000,
+                      baseline_train_dir=tiny_dataset["train"])["baseline"]
+    assert from_file["fit"]["threads"] == 1 and from_file["fit"]["max_rows"] == 3000
+    assert from_file["fit"]["n_iter"] == fitted["fit"]["n_iter"]
+    for name in schema.LABELS:
+        assert from_file["baseline"]["per_class"][name]["mean_abs_diff_vs_truth"] == pytest.approx(
+            fitted["baseline"]["per_class"][name]["mean_abs_diff_vs_truth"], rel=1e-9)
+    assert from_file["baseline"]["log_loss"] == pytest.approx(fitted["baseline"]["log_loss"], rel=1e-9)
+    assert (tmp_path / "a" / "calibration_vs_baseline.png").exists()
+
+    with pytest.raises(DataError, match="other rows than the 2,000"):
+        validate(trained, tiny_dataset["test"], tmp_path / "c", max_rows=2000, baseline_predictions=npz)
+    with pytest.raises(DataError, match="other rows"):
+        validate(trained, tiny_dataset["validation"], tmp_path / "d", max_rows=3000,
+                 baseline_predictions=npz)
+    with pytest.raises(ValueError, match="not both"):
+        validate(trained, tiny_dataset["test"], tmp_path / "e", max_rows=3000,
+                 baseline_predictions=npz, baseline_train_dir=tiny_dataset["train"])
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

@@ -7,7 +7,6 @@ into the output directory, each file atomically."""
 import base64
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -300,15 +299,9 @@ def plot_fidelity_calibration(pred, baseline_pred, truth, path):
 def run_baseline(train_dir, features, max_train_rows=None, seed=0):
     """Fit the baseline on the training split; its probabilities on `features`' rows and
     a description of the fit."""
-    from effgen.training.baseline import fit_baseline, load_training_rows
+    from effgen.training.baseline import fit_and_predict
 
-    x_train, y_train = load_training_rows(train_dir, max_rows=max_train_rows)
-    fitted = fit_baseline(x_train, y_train, seed=seed)
-    start = time.monotonic()
-    pred = fitted.predict_proba(features)
-    info = fitted.describe() | {"predict_s": round(time.monotonic() - start, 3),
-                                "train_data": str(train_dir)}
-    return pred, info
+    return fit_and_predict(train_dir, features, max_train_rows=max_train_rows, seed=seed)
 
 
 BASELINE_TEMPLATE = """<h2>Fidelity: network vs gradient-boosted baseline (against the true probabilities)</h2>
@@ -436,13 +429,14 @@ def strict_json(value):
 
 
 def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing_path=None,
-             batch_size=65536, baseline_train_dir=None) -> dict:
+             batch_size=65536, baseline_train_dir=None, baseline_predictions=None) -> dict:
     """Score `model_path` on up to `max_rows` rows of the shards in `data_dir`; write the
     plots, report.html and metrics.json into `output_dir`; return the metrics. With
     `preprocessing_path`, also check that the pickled transformer maps the raw columns
     onto the stored features. With `baseline_train_dir` (the network's training split)
     and truth columns, fit the gradient-boosted baseline there and score it beside the
-    network."""
+    network; with `baseline_predictions` (an `effgen baseline` file for these rows), score
+    the probabilities it holds instead of fitting."""
     from effgen.data.reader import FeatherReader
     from effgen.provenance import load_keras_model
 
@@ -470,6 +464,13 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
     raw = {c: frame[c].to_numpy() for c in raw_cols}
     preprocessing_diff = None if preprocessing_path is None else _check_preprocessing(
         preprocessing_path, raw, features.astype(np.float64), model_path)
+    if baseline_train_dir is not None and baseline_predictions is not None:
+        raise ValueError("give the baseline's training split or its predictions, not both")
+    baseline_from_file = baseline_predictions is not None
+    if baseline_from_file:  # checked before the model runs: it must be for these rows
+        from effgen.training.baseline import read_predictions
+
+        baseline_pred, fit_info = read_predictions(baseline_predictions, features)
 
     model = load_keras_model(model_path, compile=True)
     pred = np.asarray(model.predict(features, batch_size=batch_size, verbose=0))
@@ -501,8 +502,9 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
             labels, output_dir / "z_by_momentum.png", log_y=True)),
         ("Calibration", plot_calibration(pred, labels, truth, output_dir / "calibration.png")),
     ]
-    if baseline_train_dir is not None and truth is not None:
-        baseline_pred, fit_info = run_baseline(baseline_train_dir, features)
+    if (baseline_train_dir is not None or baseline_from_file) and truth is not None:
+        if not baseline_from_file:
+            baseline_pred, fit_info = run_baseline(baseline_train_dir, features)
         metrics["baseline"] = baseline_comparison(fidelity_metrics(pred, labels, truth),
                                                   fidelity_metrics(baseline_pred, labels, truth), fit_info)
         images.append(("Calibration against the truth: network and baseline", plot_fidelity_calibration(
@@ -535,6 +537,9 @@ def register(subparsers):
     p.add_argument("--baseline-train-data", type=Path, default=None,
                    help="the network's training split: fit the gradient-boosted baseline there and "
                         f"compare (default {paths['train']} if it exists and the data have truth columns)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="the baseline's probabilities on these rows, written by `effgen baseline` "
+                        "(instead of fitting it here)")
     p.add_argument("--no-baseline", action="store_true", help="skip the gradient-boosted baseline")
     p.set_defaults(func=_main)
 
@@ -547,14 +552,19 @@ def _main(args):
         from effgen.provenance import vouched_default
 
         preprocessing = vouched_default(default_paths()["preprocessing"], args.model)
-    baseline_train = None
-    if not args.no_baseline:
+    baseline_train = baseline_file = None
+    if args.baseline is not None and (args.no_baseline or args.baseline_train_data is not None):
+        raise EffgenError("--baseline (its predictions) excludes --baseline-train-data and --no-baseline")
+    if args.baseline is not None:
+        baseline_file = args.baseline
+    elif not args.no_baseline:
         baseline_train = args.baseline_train_data
         if baseline_train is None and default_paths()["train"].exists():
             baseline_train = default_paths()["train"]
     try:
         m = validate(args.model, args.data, args.output_dir, max_rows=args.max_rows,
-                     preprocessing_path=preprocessing, baseline_train_dir=baseline_train)
+                     preprocessing_path=preprocessing, baseline_train_dir=baseline_train,
+                     baseline_predictions=baseline_file)
     except (FileNotFoundError, ValueError) as err:  # DataError, PreprocessingError too
         raise EffgenError(str(err)) from err
     ll = m["log_loss"]
