@@ -280,7 +280,21 @@ def test_scratch_files_are_few_and_freed_split_by_split(small_sample, tmp_path, 
         seen.append(sorted(p.name for p in (tmp_path / "data").rglob("*.arrow")))
         return real(table, path)
 
+    class Now:  # the deletions run at once, not on a thread: what the shards see is fixed
+        def submit(self, fn, *args, **kwargs):
+            fn(*args, **kwargs)
+
+        def shutdown(self, wait):
+            pass
+
+    class Files(preprocess._ScratchFiles):
+        def __init__(self):
+            super().__init__()
+            self._pool.shutdown(wait=True)
+            self._pool = Now()
+
     monkeypatch.setattr(preprocess, "_write_shard", writer)
+    monkeypatch.setattr(preprocess, "_ScratchFiles", Files)
     out = _run(small_sample, tmp_path, workers=1, step_size=500)  # 6 chunks; shards 3 + 2 + 1
     assert sum(out["rows"].values()) == 3000 and len(seen) == 6
     chunks = 3000 // 500
