@@ -277,7 +277,7 @@ def test_scratch_files_are_few_and_freed_split_by_split(small_sample, tmp_path, 
     seen, real = [], preprocess._write_shard
 
     def writer(table, path):
-        seen.append(sorted(p.name for p in (tmp_path / "data").rglob("*.arrow")))
+        seen.append(sorted(p.name for p in (tmp_path / "data").rglob("*.bin")))
         return real(table, path)
 
     class Now:  # the deletions run at once, not on a thread: what the shards see is fixed
@@ -298,11 +298,11 @@ def test_scratch_files_are_few_and_freed_split_by_split(small_sample, tmp_path, 
     out = _run(small_sample, tmp_path, workers=1, step_size=500)  # 6 chunks; shards 3 + 2 + 1
     assert sum(out["rows"].values()) == 3000 and len(seen) == 6
     chunks = 3000 // 500
-    assert seen[0] == [f"{i:06d}-{s}.arrow" for i in range(chunks) for s in range(3)]
+    assert seen[0] == [f"{i:06d}-{s}.bin" for i in range(chunks) for s in range(3)]
     for first_test_shard in seen[3:5]:
-        assert not [f for f in first_test_shard if f.endswith("-0.arrow")]
+        assert not [f for f in first_test_shard if f.endswith("-0.bin")]
         assert len(first_test_shard) == 2 * chunks
-    assert not list((tmp_path / "data").rglob("*.arrow"))
+    assert not list((tmp_path / "data").rglob("*.bin"))
 
 
 def test_chunk_buffers_are_reused_and_gc_frozen_during_passes(small_sample, tmp_path, monkeypatch):

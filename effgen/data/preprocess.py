@@ -10,8 +10,8 @@ One streaming pass over the input, then one over a scratch copy:
    split (50/40/10 train/test/validation), its shard and its place in the shard; training
    rows also compete, by the same hash, for the preprocessing's fit sample (the
    `max_fit_rows` of lowest priority: a uniform subsample of the whole input, not its
-   first rows). Rows are spilled, unprocessed: one record batch per (shard, chunk), in one
-   scratch file per (chunk, split);
+   first rows). Rows are spilled, unprocessed: one piece per (shard, chunk), its columns'
+   raw bytes, in one scratch file per (chunk, split);
 2. the preprocessing (DOMAIN.md section 2's ColumnTransformer: a normal-output
    QuantileTransformer on the 8 continuous features, passthrough on the 4 flags) is
    fitted on that sample, in a child process started with pass 1 (effgen.data.fit_process:
@@ -56,7 +56,7 @@ from effgen import schema
 from effgen.atomic import atomic_file, atomic_outputs, scratch_dir
 from effgen.config import add_knob, default_paths, positive_int
 from effgen.data import split as rowsplit
-from effgen.data.columnar import record_batch, to_arrow, to_numpy
+from effgen.data.columnar import to_arrow
 from effgen.data.derive import (
     KEY,
     KEY_WITH,
@@ -371,6 +371,11 @@ def _write_shard(table: pa.Table, path: Path):
         writer.write_table(table)
 
 
+def _has_truth(sources) -> bool:
+    """Whether the inputs hold every truth column (all files hold the same ones)."""
+    return all(c in sources[0].optional for c in schema.TRUTH)
+
+
 def _bucket_counts(total, shard_rows) -> dict:
     """Shards per split, from the entry count known before reading (a shard then holds
     about shard_rows rows)."""
@@ -383,7 +388,7 @@ class _Chunk:
     in input order (it orders the scratch pieces of each shard like the input)."""
 
     def __init__(self, index, source, start, stop, offset, key, seed, group_offsets, fit_rows,
-                 scratch, fit_bound, buffers):
+                 scratch, fit_bound, buffers, truth):
         self.index, self.source, self.start, self.stop = index, source, start, stop
         self.offset, self.key, self.seed = offset, key, seed  # offset: row_id of entry 0
         self.group_offsets, self.fit_rows, self.scratch = group_offsets, fit_rows, scratch
@@ -391,6 +396,7 @@ class _Chunk:
         self.fit_bound = fit_bound
         self.spill = True  # False: only the fit-sample candidates (see _spill_pass)
         self.buffers = buffers  # _Buffers shared by the chunks
+        self.truth = truth  # the truth columns are spilled (the input has them all)
 
 
 class _Spilled(NamedTuple):
@@ -398,7 +404,7 @@ class _Spilled(NamedTuple):
     entries: int
     counts: Counts
     rows: tuple      # rows per split
-    groups: dict     # {group: (rows spilled, batch in the split's scratch file)}, see _groups
+    groups: dict     # {group: (rows spilled, offset in the split's scratch file)}, see _groups
     error: object    # the chunk's DataError, raised in input order by the caller
 
 
@@ -408,11 +414,11 @@ def _groups(n_buckets) -> np.ndarray:
 
 
 def _scratch_path(scratch: Path, index, split) -> Path:
-    """Chunk `index`'s scratch file for split number `split`: an Arrow IPC file holding one
-    record batch per group (shard) of that split. A file per (chunk, split), not per
+    """Chunk `index`'s scratch file for split number `split`: one piece per group (shard)
+    of that split (see _write_pieces). A file per (chunk, split), not per
     (chunk, group): creating and deleting ~1,500 small files cost more than a second of
     system time at 20M rows, and a split's files can go as soon as its shards are done."""
-    return scratch / f"{index:06d}-{split}.arrow"
+    return scratch / f"{index:06d}-{split}.bin"
 
 
 def _spill_chunk(job: _Chunk):
@@ -457,17 +463,20 @@ def _spill_chunk(job: _Chunk):
     del order
 
     # Labels and species flags are not spilled: pass 2 derives them from type and pid.
-    cols = {RAW[j]: d["features"][j] for j in SPILLED_FEATURES}
-    cols.update(d["extra"])
-    cols[ROW_ID] = row_ids
-    cols[ORDER] = rowsplit.stream(h, rowsplit.ORDER)
-    with job.buffers.get(sum(_aligned(v.nbytes) for v in cols.values())) as buf:
-        at = 0
-        for name, values in cols.items():
-            out = buf[at:at + values.nbytes].view(values.dtype)
-            out[dest] = values
-            cols[name], at = out, at + _aligned(values.nbytes)
-        groups = _write_pieces(job, record_batch(cols), group, offsets)
+    values = {RAW[j]: d["features"][j] for j in SPILLED_FEATURES}
+    values.update(d["extra"])
+    values[ROW_ID] = row_ids
+    values[ORDER] = rowsplit.stream(h, rowsplit.ORDER)
+    layout = _scratch_columns(job.truth)
+    with job.buffers.get(sum(_aligned(len(dest) * dt.itemsize) for _, dt in layout)) as buf:
+        cols, at = [], 0
+        for name, dt in layout:
+            out = buf[at:at + len(dest) * dt.itemsize].view(dt)
+            out[dest] = values[name]
+            cols.append(out)
+            at += _aligned(out.nbytes)
+        sizes = np.bincount(group, minlength=int(offsets[-1]))
+        groups = _write_pieces(job, cols, sizes, offsets)
     return _Spilled(job.stop - job.start, counts, rows, groups, None), fit
 
 
@@ -475,23 +484,51 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // 64) * 64
 
 
-def _write_pieces(job, batch, group, offsets) -> dict:
-    """The chunk's rows (`batch`, grouped by `group`) written to its scratch files, one
-    record batch per group. Returns {group: (rows, batch number in its split's file)}."""
-    sizes = np.bincount(group, minlength=int(offsets[-1]))
+def _scratch_columns(truth: bool) -> list:
+    """[(name, dtype)] of the columns spilled per row, in their order in a scratch piece."""
+    return ([(RAW[j], np.dtype(np.float32)) for j in SPILLED_FEATURES]
+            + [(schema.PID, np.dtype(np.int32)), ("acceptance", np.dtype(np.int32)),
+               ("type", np.dtype(np.int32))]
+            + [(c, np.dtype(np.float32)) for c in (schema.TRUTH if truth else [])]
+            + [(ROW_ID, np.dtype(np.int64)), (ORDER, np.dtype(np.uint64))])
+
+
+def _write_pieces(job, cols, sizes, offsets) -> dict:
+    """The chunk's rows (`cols`, arrays in _scratch_columns' order, grouped: `sizes` rows
+    per group) written to its scratch files: per group, one piece, each column's bytes
+    after the other's (pass 2 reads them straight into its columns: no Arrow IPC, no
+    copies). Returns {group: (rows, byte offset of the piece in its split's file)}."""
     ends = np.cumsum(sizes)
     groups = {}
     for s in range(len(SPLITS)):
         present = [g for g in range(offsets[s], offsets[s + 1]) if sizes[g]]
         if not present:
             continue
-        with pa.OSFile(str(_scratch_path(job.scratch, job.index, s)), "wb") as sink, \
-                ipc.new_file(sink, batch.schema) as writer:
-            for i, g in enumerate(present):
-                lo, n = int(ends[g] - sizes[g]), int(sizes[g])
-                writer.write_batch(batch.slice(lo, n))
-                groups[g] = (n, i)
+        at = 0
+        with open(_scratch_path(job.scratch, job.index, s), "wb", buffering=0) as f:
+            for g in present:
+                lo, hi = int(ends[g] - sizes[g]), int(ends[g])
+                groups[g] = (hi - lo, at)
+                for col in cols:
+                    at += _write_all(f, memoryview(col[lo:hi]).cast("B"))
     return groups
+
+
+def _write_all(f, view) -> int:
+    """Write a byte view to a raw file whole (a raw write may take part of it)."""
+    n = len(view)
+    while len(view):
+        view = view[f.write(view):]
+    return n
+
+
+def _read_exactly(f, view):
+    """Fill a writable byte view from a raw file, or raise (a scratch file cut short)."""
+    while len(view):
+        got = f.readinto(view)
+        if not got:
+            raise OSError(f"{f.name}: scratch file shorter than written")
+        view = view[got:]
 
 
 class _Buffers:
@@ -522,33 +559,47 @@ class _Buffers:
                 self._free.append(buf)
 
 
-def _shard_table(scratch: pa.Table, ct, truth: bool, threads=None) -> pa.Table:
-    """One shard from its scratch rows: ordered by their hash, features transformed."""
+def _read_pieces(pieces, truth: bool) -> dict:
+    """{name: column} of a shard's rows from its scratch pieces ((file, rows, offset), in
+    input order), each column read straight into place."""
+    layout = _scratch_columns(truth)
+    n = sum(rows for _, rows, _ in pieces)
+    cols = {name: np.empty(n, dt) for name, dt in layout}
+    lo = 0
+    for path, rows, offset in pieces:
+        with open(path, "rb", buffering=0) as f:  # plain reads, not mapped: bounded RSS
+            f.seek(offset)
+            for name, _ in layout:
+                _read_exactly(f, memoryview(cols[name][lo:lo + rows]).cast("B"))
+        lo += rows
+    return cols
+
+
+def _shard_table(scratch: dict, ct, truth: bool, threads=None) -> pa.Table:
+    """One shard from its scratch columns: rows ordered by their hash, features
+    transformed."""
     # Rows with equal hashes (duplicate keys) keep their input order: stable sort.
-    order = rowsplit.argsort_stable(to_numpy(scratch.column(ORDER)))
-    scratch = scratch.drop_columns([ORDER]).take(to_arrow(order))
-    raw = np.empty((N_FEATURES, scratch.num_rows), dtype=np.float32)  # column-major
+    order = rowsplit.argsort_stable(scratch.pop(ORDER))
+    raw = np.empty((N_FEATURES, len(order)), dtype=np.float32)  # column-major
     for j in SPILLED_FEATURES:
-        raw[j] = to_numpy(scratch.column(RAW[j]))
-    species_flags(to_numpy(scratch.column(schema.PID)), out=raw[FLAGS])
+        np.take(scratch.pop(RAW[j]), order, out=raw[j])
+    rows = {name: np.take(values, order) for name, values in scratch.items()}
+    species_flags(rows[schema.PID], out=raw[FLAGS])
     pre = transform(ct, raw.T, threads)
     cols = {name: to_arrow(pre[:, j]) for j, name in enumerate(schema.FEATURES)}
-    cols.update(zip(schema.LABELS, map(to_arrow, track_labels(to_numpy(scratch.column("type"))))))
+    cols.update(zip(schema.LABELS, map(to_arrow, track_labels(rows["type"]))))
     for name in extra_columns(truth):
-        cols[name] = to_arrow(raw[RAW.index(name)]) if name in RAW else scratch.column(name)
+        cols[name] = to_arrow(raw[RAW.index(name)] if name in RAW else rows[name])
     return pa.table(cols)
 
 
 def _write_shard_task(key, pieces, ct, truth, path, threads):
-    """Pass 2 on one shard: its scratch pieces ((file, batch), in input order) read,
-    ordered, transformed and written to `path`. Returns (the shard's rows, key)."""
-    batches = []
-    for piece, i in pieces:
-        with pa.OSFile(str(piece)) as source:  # not mapped: bounded RSS
-            batches.append(ipc.open_file(source).get_batch(i))
-    scratch = pa.Table.from_batches(batches)
+    """Pass 2 on one shard: its scratch pieces ((file, rows, offset), in input order)
+    read, ordered, transformed and written to `path`. Returns (the shard's rows, key)."""
+    scratch = _read_pieces(pieces, truth)
+    n = len(scratch[ROW_ID])
     _write_shard(_shard_table(scratch, ct, truth, threads), path)
-    return scratch.num_rows, key
+    return n, key
 
 
 class _ScratchFiles:
@@ -617,7 +668,7 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
         total = sum(s.num_entries for s in sources)
         if total == 0:
             raise DataError(f"the inputs hold no entries: {[str(s.path) for s in sources]}")
-        has_truth = all(c in sources[0].optional for c in schema.TRUTH)
+        has_truth = _has_truth(sources)
         key = KEY + KEY_WITH if all(c in sources[0].optional for c in KEY) else REQUIRED
         n_buckets = _bucket_counts(total, shard_rows)
 
@@ -705,7 +756,7 @@ def _spill_pass(runner, sources, scratch, key, seed, n_buckets, max_fit_rows, st
     for src in sources:
         for start, stop in src.ranges(step_size):
             jobs.append(_Chunk(len(jobs), src, start, stop, offset, key, seed, offsets,
-                               max_fit_rows, scratch, bound, buffers))
+                               max_fit_rows, scratch, bound, buffers, _has_truth(sources)))
         offset += src.num_entries
     spilled, fit = runner.compute(*_chunk_graph(runner, jobs, max_fit_rows))
 
@@ -717,8 +768,8 @@ def _spill_pass(runner, sources, scratch, key, seed, n_buckets, max_fit_rows, st
         counts.merge(meta.counts)
         for name, k in zip(SPLITS, meta.rows):
             rows[name] += k
-        for g, (_, i) in meta.groups.items():
-            groups.setdefault(g, []).append((job.index, i))
+        for g, (n, at) in meta.groups.items():
+            groups.setdefault(g, []).append((job.index, n, at))
         if last[id(job.source)] == job.index:
             counts.raise_bad(job.source.path)  # non-finite values, bad truth: whole file
     if len(fit.priority) < min(max_fit_rows, rows["train"]):  # the bound let too few through
@@ -759,8 +810,8 @@ def _write_outputs(runner, scratch, groups, blob, ct, n_buckets, has_truth, out_
             split_dirs[name] = staged.dir(out_dir, force=force)
             present = [g for g in range(offsets[s], offsets[s + 1]) if g in groups]
             for k, g in enumerate(present):
-                pieces = [(_scratch_path(scratch, i, s), b) for i, b in groups[g]]
-                files.add(g, [f for f, _ in pieces])  # every reader counted before any task ends
+                pieces = [(_scratch_path(scratch, i, s), n, at) for i, n, at in groups[g]]
+                files.add(g, [f for f, _, _ in pieces])  # every reader counted before any task ends
                 shards.append((g, pieces, split_dirs[name] / f"part-{k:05d}.feather"))
         runner.compute([runner.task(_write_shard_task, g, pieces, ct, has_truth, path, threads)
                         for g, pieces, path in shards])
