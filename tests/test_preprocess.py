@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 import pickle
 import subprocess
@@ -270,6 +271,67 @@ def _failing_writer(monkeypatch, fail_at):
     return calls
 
 
+def test_scratch_files_are_few_and_freed_split_by_split(small_sample, tmp_path, monkeypatch):
+    """One scratch file per (chunk, split), not per (chunk, shard); a split's files are
+    deleted once its shards are written (here, in order: train's before test's shards)."""
+    seen, real = [], preprocess._write_shard
+
+    def writer(table, path):
+        seen.append(sorted(p.name for p in (tmp_path / "data").rglob("*.bin")))
+        return real(table, path)
+
+    class Now:  # the deletions run at once, not on a thread: what the shards see is fixed
+        def submit(self, fn, *args, **kwargs):
+            fn(*args, **kwargs)
+
+        def shutdown(self, wait):
+            pass
+
+    class Files(preprocess._ScratchFiles):
+        def __init__(self):
+            super().__init__()
+            self._pool.shutdown(wait=True)
+            self._pool = Now()
+
+    monkeypatch.setattr(preprocess, "_write_shard", writer)
+    monkeypatch.setattr(preprocess, "_ScratchFiles", Files)
+    out = _run(small_sample, tmp_path, workers=1, step_size=500)  # 6 chunks; shards 3 + 2 + 1
+    assert sum(out["rows"].values()) == 3000 and len(seen) == 6
+    chunks = 3000 // 500
+    assert seen[0] == [f"{i:06d}-{s}.bin" for i in range(chunks) for s in range(3)]
+    for first_test_shard in seen[3:5]:
+        assert not [f for f in first_test_shard if f.endswith("-0.bin")]
+        assert len(first_test_shard) == 2 * chunks
+    assert not list((tmp_path / "data").rglob("*.bin"))
+
+
+def test_chunk_buffers_are_reused_and_gc_frozen_during_passes(small_sample, tmp_path, monkeypatch):
+    import gc
+
+    lent, frozen = [], []
+
+    class Buffers(preprocess._Buffers):
+        @contextlib.contextmanager
+        def get(self, nbytes):
+            with super().get(nbytes) as buf:
+                lent.append(buf.__array_interface__["data"][0])
+                frozen.append(gc.get_freeze_count())
+                yield buf
+
+    monkeypatch.setattr(preprocess, "_Buffers", Buffers)
+    before = gc.get_freeze_count()
+    _run(small_sample, tmp_path, workers=1, step_size=500)
+    assert len(lent) == 6 and len(set(lent)) == 1  # chunks of 500 rows: one buffer for all
+    assert min(frozen) > before and gc.get_freeze_count() == before
+
+
+def test_reuse_freed_memory_switches_arrow_to_the_tuned_malloc():
+    code = ("import pyarrow as pa; from effgen.data import preprocess; "
+            "print(preprocess.reuse_freed_memory(), pa.default_memory_pool().backend_name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "system"]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_failure_midway_leaves_no_output(small_sample, tmp_path, monkeypatch, workers):
     calls = _failing_writer(monkeypatch, fail_at=4)  # train has 3 shards: fails in test
@@ -410,6 +472,16 @@ def test_bottom_k_and_argsort_stable_match_plain_numpy():
     tied = rng.integers(0, 50, 10_000).astype(np.uint64)
     np.testing.assert_array_equal(split.argsort_stable(tied), np.argsort(tied, kind="stable"))
     np.testing.assert_array_equal(split.argsort_stable(pri), np.argsort(pri, kind="stable"))
+    # Keys sharing their high bits but not their low ones (the packed sort cannot order
+    # them: the fallback must), ties among them, extreme values, tiny inputs.
+    low = rng.integers(0, 2**13, 5_000, dtype=np.uint64)
+    for high in (rng.integers(0, 100, 5_000).astype(np.uint64), np.full(5_000, 2**51 - 1, np.uint64)):
+        keys = (high << np.uint64(13)) | low
+        keys[::7] = keys[0]
+        np.testing.assert_array_equal(split.argsort_stable(keys), np.argsort(keys, kind="stable"))
+    for keys in ([5, 3], [2**64 - 1, 0, 2**64 - 1], [7]):
+        keys = np.array(keys, np.uint64)
+        np.testing.assert_array_equal(split.argsort_stable(keys), np.argsort(keys, kind="stable"))
 
 
 def test_truth_check_and_species_flags_match_the_plain_numpy_forms():

@@ -33,8 +33,3 @@ def to_numpy(column) -> np.ndarray:
     if len(parts) == 1:
         return parts[0]
     return np.concatenate(parts) if parts else np.empty(0, dtype)
-
-
-def record_batch(columns: dict) -> pa.RecordBatch:
-    """{name: 1-d numpy array} as a RecordBatch sharing the arrays' memory."""
-    return pa.RecordBatch.from_arrays([to_arrow(v) for v in columns.values()], names=list(columns))

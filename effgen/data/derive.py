@@ -210,21 +210,26 @@ def derive(chunk: dict, counts: Counts, file="<input>", first_entry=0) -> dict:
         v = v if rows is None else v[rows]
         return v if dtype is None else v.astype(dtype, copy=False)
 
+    def as_is(name):
+        """A float branch as read (assigned to float32 features directly: the value a
+        float64 copy would give, without making one); other kinds as float64."""
+        return col(name, None if np.asarray(chunk[name]).dtype.kind == "f" else np.float64)
+
     f32 = np.float32
     pz = col("mc_pz")
     # Column-major (12, n): each feature is contiguous for the column-wise writers.
     features = np.empty((len(schema.FEATURES), len(pz)), dtype=f32)
-    features[0] = col("mc_x")
-    features[1] = col("mc_y")
-    features[2] = col("mc_z")
+    features[0] = as_is("mc_x")
+    features[1] = as_is("mc_y")
+    features[2] = as_is("mc_z")
     features[3] = (np.log(col("mc_p")) / np.log(10)).astype(f32)
     # Overwrites the tuple's own mc_tx / mc_ty, as the notebook does.
     features[4] = col("mc_px") / pz
     features[5] = col("mc_py") / pz
-    features[6] = col("mc_eta")
-    features[7] = col("mc_phi")
+    features[6] = as_is("mc_eta")
+    features[7] = as_is("mc_phi")
     species_flags(col("mcID", None), out=features[8:11])
-    features[11] = col("mc_charge")
+    features[11] = as_is("mc_charge")
     bad = ~np.isfinite(features).all(axis=0)  # e.g. mc_p = 0, or px / pz overflowing
     if bad.any():
         j, i = int(np.argmax(~np.isfinite(features[:, bad][:, 0]))), int(np.argmax(bad))

@@ -96,7 +96,12 @@ class FitProcess:
 
 def _serve():
     """The child: import the fit (the slow part), then answer one request from stdin."""
+    import gc
     import pickle
+
+    # A short-lived process that makes no garbage cycles worth collecting: without the
+    # collector, importing scikit-learn's 1,600 modules costs ~10% less CPU.
+    gc.disable()
 
     # The reason for this process: scikit-learn imported now, while the parent reads.
     import sklearn.compose  # noqa: F401

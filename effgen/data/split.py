@@ -91,7 +91,20 @@ def assign_bucket(h: np.ndarray, n_buckets: int) -> np.ndarray:
 def argsort_stable(keys: np.ndarray) -> np.ndarray:
     """np.argsort(keys, kind="stable"), faster for keys that are (as hashes almost always
     are) all distinct: then every sort gives that one permutation, and the default sort
-    is the quicker one; with ties, the stable sort itself."""
+    is the quicker one; with ties, the stable sort itself.
+
+    For uint64 keys, first a sort of values rather than an argsort (2-3x faster): each key's
+    low bits replaced by its index, sorted; the indices then come out in key order unless
+    two keys share their remaining high bits (a few in a thousand shards of 500k hashes),
+    in which case the argsorts below decide."""
+    if keys.dtype == np.uint64 and 1 < len(keys) < (1 << 32):
+        low = np.uint64((1 << (len(keys) - 1).bit_length()) - 1)
+        packed = keys & ~low
+        packed |= np.arange(len(keys), dtype=np.uint64)
+        packed.sort()
+        high = packed & ~low
+        if not bool((high[1:] == high[:-1]).any()):
+            return (packed & low).astype(np.intp)
     order = np.argsort(keys)
     ranked = keys[order]
     if len(ranked) > 1 and bool((ranked[1:] == ranked[:-1]).any()):
