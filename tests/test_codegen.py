@@ -20,6 +20,7 @@ from effgen.codegen.backends.effgen_c import (
     generate_activations,
     generate_core,
     generate_preprocessing,
+    interp_slopes,
     search_knots,
 )
 from effgen.codegen.graph import evaluate, read_chain
@@ -362,6 +363,27 @@ def test_float_search_knots_compare_with_every_float_as_the_double_knots_do(ct):
         for _ in range(abs(step)):
             x = np.nextafter(x, np.float32(np.inf) if step > 0 else np.float32(-np.inf))
         np.testing.assert_array_equal(qf <= x, q <= x.astype(np.float64))
+
+
+def test_tabulated_slopes_give_np_interp_bit_for_bit(ct):
+    """The C interpolation reads a slope per knot interval (no division per row):
+    slope[j] * (x - q[j]) + r[j] must equal np.interp(x, q, r) for x inside every
+    interval, on the fitted tables and on knots with repeats and tiny gaps."""
+    rng = np.random.default_rng(5)
+    cases = [(np.asarray(t.quantiles_[:, k], np.float64), np.asarray(t.references_, np.float64))
+             for _, t, _ in ct.transformers_ if hasattr(t, "quantiles_") for k in range(t.quantiles_.shape[1])]
+    q = np.sort(np.concatenate([rng.normal(0, 1, 300), np.repeat(rng.normal(0, 1, 20), 3),
+                                np.nextafter(0.5, 1) + np.zeros(2), [0.5]]))
+    cases.append((q, np.linspace(0, 1, len(q))))
+    for q, r in cases:
+        slope = interp_slopes(q, r)
+        assert slope.shape == q.shape and np.isfinite(slope).all()
+        j = np.flatnonzero(q[1:] > q[:-1])
+        for t in (0.25, 0.5, 0.9):
+            x = q[j] + t * (q[j + 1] - q[j])
+            x = x[(x > q[j]) & (x < q[j + 1])]
+            k = np.searchsorted(q, x, side="right") - 1
+            np.testing.assert_array_equal(slope[k] * (x - q[k]) + r[k], np.interp(x, q, r))
 
 
 # ---- the generated file reads top-down (issue 11) -----------------------------------------
