@@ -424,6 +424,23 @@ def test_source_order_names_and_dispatch(ct, model):
         assert [e.strip() for e in table.split(",") if e.strip()] == [f"effgen_{fn}_{v['name']}" for v in VARIANTS]
 
 
+def test_narrow_output_layer_gets_the_one_vector_tile_kernel(ct, model):
+    """On the AVX2 path (two vectors per 16-column panel) a one-panel layer of at most 8
+    columns, the 4-output layer, is tiled with one vector per row (half the FMAs); wider
+    layers keep the panel kernel. Its values: the per-call vs batch tests above."""
+    import re
+
+    src, _ = generate(read_chain(model), read_preprocessing(ct), symbol="eff2")
+    calls = dict(re.findall(r"static void (effgen_layer_\w+)_tile_avx2\(.*?\)\n\{\n\s*(effgen_dense_tile\w*)\(",
+                            src, re.S))
+    denses = [getattr(op, "dense", op) for op in read_chain(model).ops]
+    widths = {f"effgen_layer_{d.name}": d.n_out for d in denses if hasattr(d, "kernel")}
+    assert calls and set(calls) == set(widths)
+    for layer, kernel in calls.items():
+        assert kernel == ("effgen_dense_tile_narrow_avx2" if widths[layer] <= 8 else "effgen_dense_tile_avx2"), layer
+    assert "effgen_dense_tile_narrow_avx512" not in src  # one vector per panel there already
+
+
 def test_layer_symbols_stay_unique_for_awkward_keras_names(tmp_path):
     inp = keras.layers.Input((12,))
     h = keras.layers.Dense(8, activation="tanh", name="a-b")(inp)
