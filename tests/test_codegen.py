@@ -20,6 +20,7 @@ from effgen.codegen.backends.effgen_c import (
     generate_activations,
     generate_core,
     generate_preprocessing,
+    interp_slopes,
     search_knots,
 )
 from effgen.codegen.graph import evaluate, read_chain
@@ -364,6 +365,27 @@ def test_float_search_knots_compare_with_every_float_as_the_double_knots_do(ct):
         np.testing.assert_array_equal(qf <= x, q <= x.astype(np.float64))
 
 
+def test_tabulated_slopes_give_np_interp_bit_for_bit(ct):
+    """The C interpolation reads a slope per knot interval (no division per row):
+    slope[j] * (x - q[j]) + r[j] must equal np.interp(x, q, r) for x inside every
+    interval, on the fitted tables and on knots with repeats and tiny gaps."""
+    rng = np.random.default_rng(5)
+    cases = [(np.asarray(t.quantiles_[:, k], np.float64), np.asarray(t.references_, np.float64))
+             for _, t, _ in ct.transformers_ if hasattr(t, "quantiles_") for k in range(t.quantiles_.shape[1])]
+    q = np.sort(np.concatenate([rng.normal(0, 1, 300), np.repeat(rng.normal(0, 1, 20), 3),
+                                np.nextafter(0.5, 1) + np.zeros(2), [0.5]]))
+    cases.append((q, np.linspace(0, 1, len(q))))
+    for q, r in cases:
+        slope = interp_slopes(q, r)
+        assert slope.shape == q.shape and np.isfinite(slope).all()
+        j = np.flatnonzero(q[1:] > q[:-1])
+        for t in (0.25, 0.5, 0.9):
+            x = q[j] + t * (q[j + 1] - q[j])
+            x = x[(x > q[j]) & (x < q[j + 1])]
+            k = np.searchsorted(q, x, side="right") - 1
+            np.testing.assert_array_equal(slope[k] * (x - q[k]) + r[k], np.interp(x, q, r))
+
+
 # ---- the generated file reads top-down (issue 11) -----------------------------------------
 
 def test_fast_tanh_constants_are_the_fit_scripts_output():
@@ -400,6 +422,23 @@ def test_source_order_names_and_dispatch(ct, model):
     for fn in ("forward", "forward_batch", "network"):
         table = re.search(rf"effgen_resolve_{fn}\(void\)\n\{{\n.*?= \{{(.*?)\}};", src, re.S).group(1)
         assert [e.strip() for e in table.split(",") if e.strip()] == [f"effgen_{fn}_{v['name']}" for v in VARIANTS]
+
+
+def test_narrow_output_layer_gets_the_one_vector_tile_kernel(ct, model):
+    """On the AVX2 path (two vectors per 16-column panel) a one-panel layer of at most 8
+    columns, the 4-output layer, is tiled with one vector per row (half the FMAs); wider
+    layers keep the panel kernel. Its values: the per-call vs batch tests above."""
+    import re
+
+    src, _ = generate(read_chain(model), read_preprocessing(ct), symbol="eff2")
+    calls = dict(re.findall(r"static void (effgen_layer_\w+)_tile_avx2\(.*?\)\n\{\n\s*(effgen_dense_tile\w*)\(",
+                            src, re.S))
+    denses = [getattr(op, "dense", op) for op in read_chain(model).ops]
+    widths = {f"effgen_layer_{d.name}": d.n_out for d in denses if hasattr(d, "kernel")}
+    assert calls and set(calls) == set(widths)
+    for layer, kernel in calls.items():
+        assert kernel == ("effgen_dense_tile_narrow_avx2" if widths[layer] <= 8 else "effgen_dense_tile_avx2"), layer
+    assert "effgen_dense_tile_narrow_avx512" not in src  # one vector per panel there already
 
 
 def test_layer_symbols_stay_unique_for_awkward_keras_names(tmp_path):

@@ -228,6 +228,26 @@ def search_knots(quantiles) -> np.ndarray:
     return qf
 
 
+def interp_slopes(quantiles, references) -> np.ndarray:
+    """Per knot j, the slope np.interp uses between knots j and j + 1 (float64, the same
+    operations: (r[j + 1] - r[j]) / (q[j + 1] - q[j])), 0 where the interval is empty
+    (repeated knots; never interpolated in) and for the last knot."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    r = np.asarray(references, dtype=np.float64)
+    dq = q[1:] - q[:-1]
+    out = np.zeros(len(q))
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        out[:-1] = np.where(dq > 0, (r[1:] - r[:-1]) / np.where(dq > 0, dq, 1.0), 0.0)
+    return out
+
+
+def _c_slope(v) -> str:
+    """A slope as a C double; an interval too narrow for a finite slope keeps the
+    infinity the division would give."""
+    v = float(v)
+    return c_double(v) if np.isfinite(v) else ("HUGE_VAL" if v > 0 else "-HUGE_VAL")
+
+
 def _preprocessing_context(ir: PreprocessingIR):
     tables, references, outputs = [], [], []
     for o in ir.outputs:
@@ -246,6 +266,8 @@ def _preprocessing_context(ir: PreprocessingIR):
         up = search_knots(col.quantiles)
         tables.append({"column": col, "n": n, "n_repeated": int((first != np.arange(n)).sum()),
                        "quantiles": c_array(col.quantiles, c_double, per_line=4),
+                       "slopes": c_array(interp_slopes(col.quantiles, col.references), _c_slope,
+                                         per_line=4),
                        "search": c_array(up, c_float, per_line=6) if np.isfinite(up).all() else None,
                        "first_equal": c_array(first, str, per_line=12),
                        "index_type": "short" if n < 32768 else "int"})
@@ -279,6 +301,7 @@ def generate_preprocessing(ir: PreprocessingIR, input_names=None) -> str:
     decls = env.from_string(
         "{% for t in preprocessing.tables %}static const double effgen_qt{{ loop.index0 }}_q[{{ t.n }}];\n"
         "{% if t.search %}static const float effgen_qt{{ loop.index0 }}_qf[{{ t.n }}];\n{% endif %}"
+        "static const double effgen_qt{{ loop.index0 }}_slope[{{ t.n }}];\n"
         "static const {{ preprocessing.index_type }} effgen_qt{{ loop.index0 }}_first[{{ t.n }}];\n"
         "{% endfor %}{% for r in preprocessing.references %}"
         "static const double effgen_qt_ref{{ loop.index0 }}[{{ r.n }}];\n{% endfor %}")
