@@ -15,6 +15,8 @@ before the time limit instead of being cut off at a high rate.
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from effgen.training.backend import BACKENDS
+
 OPTIMIZERS = ("rmsprop", "adam", "adamw")
 LOSSES = ("categorical", "binary")
 SCHEDULES = ("constant", "cosine")
@@ -86,10 +88,15 @@ class Recipe:
     # XLA-compile the training step: True, False, or "auto" (Keras' choice: on with a GPU
     # or the JAX backend, off on a CPU with TensorFlow).
     jit_compile: bool | str = "auto"
+    # The Keras backend it trains on unless told otherwise (TRAIN_BACKEND, `--backend`)
+    # and unless the process already imported Keras (effgen/training/backend.py).
+    backend: str = "jax"
 
     def __post_init__(self):
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"recipe {self.name}: calibration {self.calibration!r} not in {CALIBRATIONS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"recipe {self.name}: backend {self.backend!r} not in {BACKENDS}")
 
     def phase_max_epochs(self, phase: Phase) -> int:
         return self.max_epochs if phase.max_epochs is None else phase.max_epochs
@@ -119,6 +126,7 @@ SEED = Recipe(
     summary="the seed notebook: RMSprop 1e-2 (smoothing 0.01, patience 3), then 1e-3 "
             "(no smoothing, patience 5); L2 1e-3; 50-step epochs; validation on one batch",
     l2=1e-3, batch_size=100_000, steps_per_epoch=50, max_epochs=100, validation_rows=None,
+    backend="tensorflow",
     phases=(
         Phase("pretraining", "rmsprop", 1e-2, label_smoothing=0.01, patience=3, time_limit_s=60),
         Phase("finetuning", "rmsprop", 1e-3, label_smoothing=0.0, patience=5, time_limit_s=600),
@@ -177,7 +185,7 @@ ACCEPTANCE_SEED = Recipe(
     summary="the notebook's two phases with binary cross-entropy (smoothing 0.01, then 0), "
             "as LHCb trains the acceptance; 10 residual blocks",
     l2=1e-3, batch_size=100_000, steps_per_epoch=50, max_epochs=100, validation_rows=None,
-    blocks=10,
+    blocks=10, backend="tensorflow",
     phases=(
         Phase("pretraining", "rmsprop", 1e-2, label_smoothing=0.01, patience=3, time_limit_s=60,
               loss="binary"),
