@@ -2,9 +2,9 @@
 
 Keras 3 fixes its backend when it is first imported (from $KERAS_BACKEND). `effgen train`
 imports Keras only once `activate` has set that variable, so the TRAIN_BACKEND knob (or
-the recipe's own choice) decides. A process that has already imported Keras (a notebook,
-pytest) trains on the backend it has; asking for another then fails with a clear error
-instead of silently training elsewhere.
+the recipe's own choice) decides; a $KERAS_BACKEND already set is overwritten. A process
+that has already imported Keras (a notebook, pytest) trains on the backend it has; asking
+for another then fails with a clear error instead of silently training elsewhere.
 
 On this project's CPUs Keras on JAX with a numpy feed trains ~1.6x more samples per
 CPU-second than TensorFlow at batch 1024 (per-step dispatch overhead; issue 14). Export,

@@ -126,6 +126,10 @@ SEED = Recipe(
     summary="the seed notebook: RMSprop 1e-2 (smoothing 0.01, patience 3), then 1e-3 "
             "(no smoothing, patience 5); L2 1e-3; 50-step epochs; validation on one batch",
     l2=1e-3, batch_size=100_000, steps_per_epoch=50, max_epochs=100, validation_rows=None,
+    # TensorFlow, as the notebook: this recipe is the reference to reproduce, and its
+    # 100k-row batches are large matrix products where TensorFlow's threads are busy anyway
+    # (JAX's gain is the per-step overhead of small batches). TRAIN_BACKEND=jax runs it on
+    # JAX: the same optimizer, loss and phases (Keras 3's, backend-neutral).
     backend="tensorflow",
     phases=(
         Phase("pretraining", "rmsprop", 1e-2, label_smoothing=0.01, patience=3, time_limit_s=60),
