@@ -172,6 +172,9 @@ DEFAULT = Recipe(
     #   15,000 steps: 1.6e-2, EMA 0.999 (this)   0.00913 0.00754 0.00333 0.00188  0.327 % [0.299]
     #     2.4e-2 and EMA 0.998                     0.00907 0.00818 0.00336 0.00173  0.353 % [0.306]
     #   240 s (13,440 steps) 2.4e-2 and EMA 0.998  0.00939 0.00850 0.00334 0.00183  0.381 % [0.322]
+    #   240 s (22,880 steps at load ~2, 1.79 cores) this recipe: 0.00881 0.00790 0.00316
+    #     0.00174, 0.316 % [0.256]; the gradient-boosted baseline: 0.00895 0.00750 0.00379
+    #     0.00242, 0.845 % (the network still loses on long tracks).
     # The higher peak with the shorter average wins only while steps are few (10,000); from
     # ~13,000 steps, what 240 s give on JAX here, 1.6e-2 / 0.999 is as good or better, so
     # it stays. Batches of 2048 run only 8 % more samples per CPU-second: not worth it.
