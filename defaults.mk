@@ -18,6 +18,8 @@ N_PARTICLES ?= 4000000
 SEED ?= 42
 # training recipe (effgen/training/recipes.py): default, or seed (the notebook's)
 RECIPE ?= default
+# Keras backend of effgen train: jax or tensorflow (empty: the recipe's, jax for default, tensorflow for seed)
+TRAIN_BACKEND ?=
 # rows per training batch (the seed notebook used 100000)
 BATCH_SIZE ?=
 # training batches per epoch

@@ -46,6 +46,9 @@ _KNOBS = (
     Knob("SEED", 42, "int", "seed of synth, preprocess (split, quantiles) and train", minimum=0),
     Knob("RECIPE", "default", "str",
          "training recipe (effgen/training/recipes.py): default, or seed (the notebook's)"),
+    Knob("TRAIN_BACKEND", None, "str",
+         "Keras backend of effgen train: jax or tensorflow (empty: the recipe's, jax for default, "
+         "tensorflow for seed)"),
     # Empty: the recipe's own value (effgen/training/recipes.py holds the recipes' table).
     Knob("BATCH_SIZE", None, "int", "rows per training batch (the seed notebook used 100000)", minimum=1),
     Knob("STEPS_PER_EPOCH", None, "int", "training batches per epoch", minimum=1),

@@ -105,11 +105,13 @@ def test_cli_recipe_choice_and_the_notebook_environment(tiny_dataset, tmp_path):
            "--train-data", str(tiny_dataset["train"]), "--validation-data", str(tiny_dataset["validation"]),
            "--output", str(out), "--width", "8", "--blocks", "1", "--steps-per-epoch", "2"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "BATCH_SIZE": "256", "MAX_EPOCHS": "1",
-           "PRE_TRAINING_TIME_LIMIT_SECONDS": "77"}
+           "PRE_TRAINING_TIME_LIMIT_SECONDS": "77", "TRAIN_BACKEND": "", "KERAS_BACKEND": "jax"}
     root = Path(__file__).resolve().parents[1]
     subprocess.run(cmd, check=True, env=env, cwd=root, capture_output=True)
     history = json.loads((tmp_path / "history.json").read_text())
     assert history["recipe"]["name"] == "seed"
+    # A fresh process with no TRAIN_BACKEND: the seed trains on TensorFlow, as the notebook.
+    assert history["config"]["backend"] == history["recipe"]["backend"] == "tensorflow"
     assert history["config"]["batch_size"] == 256
     assert [p["limit_s"] for p in history["phases"]] == [77, NOTEBOOK["phases"][1]["time_limit_s"]]
     assert [p["optimizer"] for p in history["phases"]] == ["rmsprop", "rmsprop"]

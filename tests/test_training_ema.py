@@ -1,7 +1,8 @@
 """The recipe's throughput and averaging switches: an exponential moving average of the
 weights (EMA) is what gets validated, checkpointed, selected and returned, and survives a
 resume; steps_per_execution and jit_compile reach Keras, and the schedule and the history
-still count every step.
+still count every step. tests/test_training_jax.py reruns the EMA tests on Keras' JAX
+backend (KERAS_BACKEND=jax).
 
 Models are tiny random-start networks (width 8, 1 block); epochs are 5 batches of 256 rows."""
 
@@ -196,3 +197,10 @@ def test_ema_momentum_warms_up_and_a_short_run_ends_on_its_late_weights(tmp_path
         expect = [m * a + (1 - m) * w for a, w in zip(expect, probe.after_batch[step][0])]
     for a, b in zip(probe.after_batch[-1][1], expect):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_keras_runs_on_the_backend_asked_for():
+    # tests/test_training_jax.py reruns this file's EMA and resume tests with
+    # KERAS_BACKEND=jax: this makes sure they really ran there.
+    import os
+    assert keras.backend.backend() == os.environ.get("KERAS_BACKEND", "tensorflow")

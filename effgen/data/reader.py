@@ -276,6 +276,29 @@ class FeatherReader:
             return blocks.rebatch(batch_size)
         return _rows_dataset(blocks)
 
+    def iter_batches(self, batch_size, shuffle=False, seed=None, shuffle_buffer=1_000_000,
+                     repeat=False, block_rows=1 << 18):
+        """(X, y) float32 numpy batches of exactly `batch_size` rows (a pass's last rows
+        that fill no batch are dropped), in the order of
+        `as_tf_dataset(shuffle, seed, shuffle_buffer).batch(batch_size, drop_remainder=True)`
+        (`.repeat()` with `repeat`): the same shuffle, without TensorFlow, holding at most
+        about `shuffle_buffer` rows (Keras on JAX trains from this; effgen/training/feed.py)."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        root = np.random.SeedSequence(seed)
+        while True:
+            rng = np.random.default_rng(root.spawn(1)[0]) if shuffle else None
+            carry_x, carry_y = [], []
+            for X, y in self._blocks(rng, shuffle_buffer, block_rows):
+                if carry_x:
+                    X, y = np.concatenate(carry_x + [X]), np.concatenate(carry_y + [y])
+                full = len(X) - len(X) % batch_size
+                for s in range(0, full, batch_size):
+                    yield X[s:s + batch_size], y[s:s + batch_size]
+                carry_x, carry_y = ([X[full:]], [y[full:]]) if full < len(X) else ([], [])
+            if not repeat:
+                return
+
     # ---- pandas / dask ---------------------------------------------------------------
     def as_pandas(self, columns=None, max_rows=None):
         """A pandas DataFrame of `columns` (default: features, labels, extra) from the

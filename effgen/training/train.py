@@ -18,12 +18,15 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from effgen.atomic import atomic_file, atomic_outputs, atomic_path, exclusive_lock
 from effgen.errors import EffgenError, TrainingError
 from effgen.provenance import sha256_of
+from effgen.training.backend import BACKENDS, activate, describe_device
 from effgen.training.calibrate import calibrate_model
+from effgen.training.feed import memory_batches, stream_batches
 from effgen.training.recipes import RECIPES, SEED, Recipe, get_recipe
 
 STATE_FORMAT = 2
@@ -94,6 +97,7 @@ def _callback_classes():
 
         def on_epoch_begin(self, epoch, logs=None):
             self._epoch_start = time.monotonic()
+            self._epoch_cpu = time.process_time()
             self._steps = 0
 
         def on_train_batch_end(self, batch, logs=None):
@@ -108,6 +112,8 @@ def _callback_classes():
                 "loss": _finite_or_none(logs.get("loss")),
                 "val_loss": _finite_or_none(logs.get("val_loss")),
                 "wall_s": round(now - self._epoch_start, 4),
+                # CPU seconds of the whole process (all its threads) in the epoch.
+                "cpu_s": round(time.process_time() - self._epoch_cpu, 4),
                 "elapsed_s": round(self.already_s + now - self._start, 4),
                 "steps": self._steps,
                 "learning_rate": float(self.model.optimizer.learning_rate.numpy()),
@@ -171,18 +177,13 @@ def _callback_classes():
 
         The momentum warms up, min(momentum, (1 + t) / (10 + t)) at step t, as in
         TensorFlow's ExponentialMovingAverage(num_updates): a run of a few hundred steps
-        averages its own later steps instead of staying near its first weights."""
+        averages its own later steps instead of staying near its first weights. The
+        optimizer does that inside the step (`warm_up_ema`); this callback only swaps."""
 
         def __init__(self, momentum):
             super().__init__()
             self.momentum = float(momentum)
             self.swapped = False
-
-        def on_train_batch_begin(self, batch, logs=None):
-            opt = self.model.optimizer
-            if not isinstance(opt.ema_momentum, float):  # once the step has been traced
-                t = float(opt.iterations.numpy())
-                opt.ema_momentum.assign(ema_momentum_at(self.momentum, t))
 
         def _swap_in(self):
             if not self.swapped:
@@ -221,35 +222,31 @@ def ema_momentum_at(momentum, step):
     return min(float(momentum), (1.0 + step) / (10.0 + step))
 
 
-def variable_ema_momentum(model, momentum):
-    """Make the optimizer read its EMA momentum from a variable, so EMAWeights can warm it
-    up without retracing the training step; `float_ema_momentum` puts a plain number back
-    for saving (the optimizer's config must hold one)."""
-    import keras
+def warm_up_ema(model, momentum):
+    """Make the model's optimizer warm its EMA momentum up inside the training step, at
+    every step, from its own step count (see EMAWeights): on TensorFlow and JAX alike, no
+    per-batch callback, nothing in the saved optimizer (its config keeps the plain
+    `momentum`). Call after compiling and after loading a checkpoint."""
+    import types
+
+    from keras import ops
+
     opt = model.optimizer
-    value = keras.Variable(ema_momentum_at(momentum, float(opt.iterations.numpy())),
-                           dtype="float32", trainable=False, name="ema_momentum")
-    # Bypass the optimizer's attribute tracking: the variable must not join its saved
-    # state (a reloaded optimizer would then not match it and skip loading its state).
-    object.__setattr__(opt, "ema_momentum", value)
 
+    def update(self, trainable_variables):
+        # Keras' own update (BaseOptimizer._update_model_variables_moving_average) with
+        # min(momentum, (1 + t) / (10 + t)) for its fixed momentum; t = steps done before
+        # this one, and the first step copies the weights (momentum 0), as Keras does.
+        t = ops.cast(self.iterations, "float32")
+        warm = ops.minimum(float(momentum), (1.0 + t) / (10.0 + t))
+        for var, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                m = ops.multiply(ops.cast(ops.not_equal(self.iterations, 0), var.dtype),
+                                 ops.cast(warm, var.dtype))
+                average.assign(ops.add(ops.multiply(m, average), ops.multiply(ops.subtract(1, m), var)))
 
-class float_ema_momentum:
-    """Context: the model's optimizer holds a plain-number EMA momentum (for model.save)."""
-
-    def __init__(self, model, momentum):
-        self.opt, self.momentum = getattr(model, "optimizer", None), float(momentum)
-
-    def __enter__(self):
-        self.saved = getattr(self.opt, "ema_momentum", None)
-        if self.saved is not None and not isinstance(self.saved, float):
-            object.__setattr__(self.opt, "ema_momentum", self.momentum)
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None and not isinstance(self.saved, float):
-            object.__setattr__(self.opt, "ema_momentum", self.saved)
-        return False
+    # On the instance, past Keras' attribute tracking: both backends' apply steps call it.
+    object.__setattr__(opt, "_update_model_variables_moving_average", types.MethodType(update, opt))
 
 
 def swap_ema(model):
@@ -304,8 +301,7 @@ class RunDir:
         return self.path / f"{phase.name}-{which}.keras"
 
     def save_model(self, model, phase, which):
-        with atomic_path(self.model_path(phase, which)) as tmp, \
-                float_ema_momentum(model, phase.ema_momentum):
+        with atomic_path(self.model_path(phase, which)) as tmp:
             model.save(tmp)
 
     def load_model(self, phase, which):
@@ -389,8 +385,9 @@ def run_phases(build, make_train_data, validation_data, run, *, recipe=SEED, ste
     weights.
 
     build() -> an uncompiled fresh model; make_train_data(phase_index, epochs_done) ->
-    an endless tf.data dataset of batches; validation_data is what Keras' fit takes
-    (here, a one-batch dataset); run is a RunDir; steps_per_epoch / max_epochs / limits
+    an endless stream of batches (a tf.data dataset, or a generator of numpy batches);
+    validation_data: a one-batch dataset, or (x, y) arrays validated as one batch; run is
+    a RunDir; steps_per_epoch / max_epochs / limits
     (each phase's seconds) override the recipe's."""
     cls = _callback_classes()
     recipe = recipe.with_overrides(steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
@@ -415,14 +412,14 @@ def run_phases(build, make_train_data, validation_data, run, *, recipe=SEED, ste
             model = run.load_model(phase, "last")  # compiled, optimizer state included
             if phase.ema_momentum:
                 swap_ema(model)  # the checkpoint holds the average in the model (EMAWeights)
-                variable_ema_momentum(model, phase.ema_momentum)
+                warm_up_ema(model, phase.ema_momentum)
             resume_es = _resume_early_stopping(run, phase, epochs)
         else:
             if model is None:
                 model = _load_phase_result(run, phases[index - 1]) if index else build()
             _compile(model, phase, recipe)
             if phase.ema_momentum:
-                variable_ema_momentum(model, phase.ema_momentum)
+                warm_up_ema(model, phase.ema_momentum)
             resume_es = None
             print(f"== {phase.name}: {phase.optimizer}, {phase.schedule} learning rate "
                   f"{phase.learning_rate:g}, label smoothing "
@@ -445,9 +442,12 @@ def run_phases(build, make_train_data, validation_data, run, *, recipe=SEED, ste
                 ph["elapsed_s"]))
         stop_reason = _already_over(ph, patience, max_epochs, limit_s, resume_es)
         if stop_reason is None:
+            # Arrays are validated in one batch, as a one-batch dataset is.
+            one_batch = {"validation_batch_size": len(validation_data[0])} \
+                if isinstance(validation_data, tuple) else {}
             model.fit(make_train_data(index, len(epochs)), initial_epoch=len(epochs),
                       epochs=max_epochs, steps_per_epoch=steps_per_epoch,
-                      validation_data=validation_data,
+                      validation_data=validation_data, **one_batch,
                       callbacks=callbacks, verbose=verbose, shuffle=False)
             if early.stopped_epoch > 0:
                 stop_reason = "early_stopping"
@@ -549,26 +549,6 @@ def _data_fingerprint(reader):
     return {"features": list(reader.features), "labels": list(reader.labels), "files": files}
 
 
-def _in_memory_batches(features, labels, batch_size, seed):
-    """An endless dataset of batches over in-memory arrays: a fresh seeded permutation
-    per pass, rows gathered inside TensorFlow (only the index batches come from Python)."""
-    import numpy as np
-    import tensorflow as tf
-
-    n = len(features)
-    x, y = tf.constant(features), tf.constant(labels)
-    rng = np.random.default_rng(seed)
-
-    def indices():
-        while True:
-            perm = rng.permutation(n)
-            for start in range(0, n - batch_size + 1, batch_size):
-                yield perm[start:start + batch_size]
-
-    return (tf.data.Dataset.from_generator(indices, output_signature=tf.TensorSpec((batch_size,), tf.int64))
-            .map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(2))
-
-
 def _calibrate(model, recipe, val_reader, verbose):
     """The recipe's calibration-in-the-large on the first calibration_rows rows of the
     validation split (shuffled by preprocess), in place; what was done, or None."""
@@ -624,13 +604,15 @@ def resolve_recipe(recipe, target="efficiency", **overrides) -> Recipe:
 def train(train_dir, validation_dir, output_model, *, recipe="default", batch_size=None,
           steps_per_epoch=None, max_epochs=None, pre_limit_s=None, ft_limit_s=None, width=None,
           blocks=None, seed=0, resume=False, verbose=2, target="efficiency",
-          test_dir=None) -> dict:
+          test_dir=None, backend=None) -> dict:
     """Train by `recipe` (a Recipe or its name; the other keywords, when not None,
     override its values) on the shards in `train_dir`, validating on `validation_dir`;
     write `output_model` (.keras), history.json and loss.png beside it, and return the
     history. `pre_limit_s` is the first phase's time limit, `ft_limit_s` the last's.
     `target` "acceptance" trains the acceptance model on the same shards (label: their
-    `acceptance` column) and, given `test_dir`, writes its short check (acceptance.json)."""
+    `acceptance` column) and, given `test_dir`, writes its short check (acceptance.json).
+    `backend` ("jax" or "tensorflow"; None: the recipe's) is the Keras backend; in a
+    process that has already imported Keras, the backend it has (effgen/training/backend.py)."""
     output_model = Path(output_model)
     if output_model.suffix != ".keras":
         raise ValueError(f"output model {output_model} must end in .keras (Keras requires it)")
@@ -655,7 +637,10 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
         raise ValueError(f"{train_dir} has {train_reader.n_rows} rows, fewer than one batch "
                          f"of {batch_size}: lower --batch-size")
 
-    config = {"target": target, "recipe": recipe.name, "width": recipe.width, "blocks": recipe.blocks,
+    # Before Keras is imported (by anything below); part of the run's identity.
+    recipe = replace(recipe, backend=activate(backend, recipe.backend))
+    config = {"target": target, "recipe": recipe.name, "backend": recipe.backend,
+              "width": recipe.width, "blocks": recipe.blocks,
               "batch_size": batch_size, "steps_per_epoch": recipe.steps_per_epoch, "seed": seed,
               "n_features": len(train_reader.features), "n_classes": len(train_reader.labels),
               "train_rows": train_reader.n_rows, "validation_rows": val_reader.n_rows}
@@ -671,7 +656,6 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
                    "validation": _data_fingerprint(val_reader)}
 
     import keras
-    import tensorflow as tf
 
     run = RunDir(checkpoint_dir(output_model), fingerprint, recipe.phases)
     if resume:
@@ -685,16 +669,19 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
     run.write_state()
 
     keras.utils.set_random_seed(seed)
-    # Same code path on a GPU (the `gpu` extra installs TensorFlow's CUDA build): Keras
+    # Same code path on a GPU (the `gpu` extra installs the backend's CUDA build): Keras
     # places the model there by itself; the history records what was used.
-    gpus = tf.config.list_physical_devices("GPU")
-    config["device"] = f"GPU x{len(gpus)} ({gpus[0].name})" if gpus else "CPU"
+    config["device"] = describe_device(recipe.backend)
     # The seed validates on one batch; other recipes on a fixed subset (the shards are
     # already shuffled by preprocess, so the first rows are a fair sample).
     val_rows = batch_size if recipe.validation_rows is None else recipe.validation_rows
-    x_val, y_val = next(iter(val_reader.as_tf_dataset().batch(val_rows)))
+    x_val, y_val = next(val_reader.iter_xy(min(val_rows, val_reader.n_rows)))
     config["validation_rows_used"] = int(x_val.shape[0])
-    validation_data = tf.data.Dataset.from_tensors((x_val, y_val))
+    if recipe.backend == "tensorflow":
+        import tensorflow as tf
+        validation_data = tf.data.Dataset.from_tensors((x_val, y_val))
+    else:
+        validation_data = (x_val, y_val)
 
     in_memory = recipe.in_memory and train_reader.n_rows <= MAX_IN_MEMORY_ROWS
     if in_memory:
@@ -705,9 +692,8 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
         # A different shuffle per phase and per resume, reproducible from the seed.
         shuffle_seed = seed * 1_000_003 + phase_index * 10_007 + epochs_done
         if in_memory:
-            return _in_memory_batches(x_train, y_train, batch_size, shuffle_seed)
-        return (train_reader.as_tf_dataset(shuffle=True, seed=shuffle_seed)
-                .batch(batch_size, drop_remainder=True).repeat().prefetch(tf.data.AUTOTUNE))
+            return memory_batches(x_train, y_train, batch_size, shuffle_seed, recipe.backend)
+        return stream_batches(train_reader, batch_size, shuffle_seed, recipe.backend)
 
     def build():
         return build_network(config["n_features"], config["n_classes"], recipe.width, recipe.blocks,
@@ -727,8 +713,13 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
         history["calibration"] = calibration
     history["features"] = list(train_reader.features)
     history["labels"] = list(train_reader.labels)
-    history["samples_per_s"] = round(sum(e["steps"] for p in history["phases"] for e in p["epochs"])
-                                     * batch_size / max(history["wall_s"], 1e-9), 1)
+    samples = sum(e["steps"] for p in history["phases"] for e in p["epochs"]) * batch_size
+    history["samples_per_s"] = round(samples / max(history["wall_s"], 1e-9), 1)
+    # Cores the training kept busy, and samples per CPU-second (steadier under load).
+    epochs = [e for p in history["phases"] for e in p["epochs"]]
+    cpu_s, wall_s = sum(e.get("cpu_s", 0.0) for e in epochs), sum(e["wall_s"] for e in epochs)
+    history["cores_used"] = round(cpu_s / max(wall_s, 1e-9), 2)
+    history["samples_per_cpu_s"] = round(samples / max(cpu_s, 1e-9), 1)
     # Provenance for `effgen export`: which tX.pkl made the training features, and which
     # model file this history belongs to.
     history["preprocessing_sha256"] = train_reader.preprocessing_sha256
@@ -738,8 +729,7 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
         # implies its history is there.
         history_tmp = staged.path(output_model.with_name("history.json"))
         model_tmp = staged.path(output_model)
-        with float_ema_momentum(model, recipe.phases[-1].ema_momentum):
-            model.save(model_tmp)
+        model.save(model_tmp)
         history["model_sha256"] = sha256_of(model_tmp)
         history_tmp.write_text(json.dumps(history, indent=1))
     run.clear()
@@ -747,10 +737,12 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
         from effgen.training.acceptance import check_on_test_split
         history["acceptance_check"] = check_on_test_split(
             model, test_dir, output_model.with_name("acceptance.json"))
-    print(f"effgen train: wrote {output_model} ({target}, recipe {recipe.name} on {config['device']}, "
+    print(f"effgen train: wrote {output_model} ({target}, recipe {recipe.name} on {config['device']} "
+          f"with Keras on {recipe.backend}, "
           f"{model.count_params():,} "
           f"parameters, {history['wall_s']:.1f}s of training, {history['samples_per_s']:,.0f} "
-          "samples/s)", flush=True)
+          f"samples/s, {history['samples_per_cpu_s']:,.0f} per CPU-second, "
+          f"{history['cores_used']:.2f} cores)", flush=True)
     return history
 
 
@@ -791,6 +783,9 @@ def register(subparsers):
     p.add_argument("--blocks", type=positive_int("--blocks"), default=None,
                    help="residual blocks (default: the recipe's, 5)")
     add_knob(p, "--seed", "SEED")
+    add_knob(p, "--backend", "TRAIN_BACKEND", choices=BACKENDS,
+             help="Keras backend to train on (effgen/training/backend.py): jax (the default recipe's) "
+                  "or tensorflow (the seed's); empty: the recipe's")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its checkpoint directory")
@@ -828,4 +823,4 @@ def _train_from_args(args):
           steps_per_epoch=args.steps_per_epoch, max_epochs=args.max_epochs,
           pre_limit_s=args.pre_limit, ft_limit_s=args.ft_limit, width=args.width,
           blocks=args.blocks, seed=args.seed, resume=args.resume, target=args.target,
-          test_dir=args.test_data)
+          test_dir=args.test_data, backend=args.backend or None)
