@@ -56,8 +56,8 @@ _KNOBS = (
     Knob("PRE_TRAINING_TIME_LIMIT_SECONDS", None, "float", "first phase's time limit", minimum=0),
     Knob("FINE_TUNING_TIME_LIMIT_SECONDS", None, "float",
          "last phase's time limit (a one-phase recipe's only limit)", minimum=0),
-    # 45 s of training + ~15 s of start-up, data loading and its check: about a minute of
-    # the main job's 10 (issue 14), where efficiency training takes 300 s.
+    # 45 s of training + ~15 s of start-up, data loading and its check: about a minute,
+    # run beside the efficiency training's 360 s (MAIN_JOBS) in the main job's 10 (issue 14).
     Knob("ACCEPTANCE_TIME_LIMIT_SECONDS", 45, "float",
          "acceptance model's training time limit in make's main job (its recipe's last phase)",
          minimum=0),
