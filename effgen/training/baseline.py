@@ -27,6 +27,9 @@ MAX_LEAF_NODES = 63
 MAX_ITER = 500
 VALIDATION_FRACTION = 0.1
 N_ITER_NO_CHANGE = 10
+# Rows `effgen validate` scores by default (the first ones of the split); `effgen baseline`
+# predicts the same ones, so both commands share it: the row fingerprint refuses a mismatch.
+SCORED_ROWS = 1_000_000
 
 
 def openmp_threads():
@@ -188,7 +191,7 @@ def register(subparsers):
                    help="the network's training split (default %(default)s)")
     p.add_argument("--data", type=Path, default=paths["test"],
                    help="the split `effgen validate --data` scores (default %(default)s)")
-    p.add_argument("--max-rows", type=int, default=1_000_000,
+    p.add_argument("--max-rows", type=int, default=SCORED_ROWS,
                    help="as `effgen validate --max-rows` (default %(default)s)")
     p.add_argument("--output", type=Path, default=paths["baseline"],
                    help="the .npz to write (default %(default)s)")

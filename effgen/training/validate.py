@@ -16,6 +16,7 @@ from effgen.atomic import atomic_file
 from effgen.data.derive import check_truth
 from effgen.data.reader import check_finite, check_one_hot
 from effgen.errors import DataError, EffgenError
+from effgen.training.baseline import SCORED_ROWS, fit_and_predict, read_predictions
 
 MOMENTUM_EDGES_GEV = [0.5, 3, 5, 10, 30, 100, 200]
 SPECIES = {"e": "mc_is_e", "mu": "mc_is_mu", "hadron": "mc_is_h"}
@@ -296,14 +297,6 @@ def plot_fidelity_calibration(pred, baseline_pred, truth, path):
     return _calibration_figure(series, truth.shape[1], "mean true probability", path)
 
 
-def run_baseline(train_dir, features, max_train_rows=None, seed=0):
-    """Fit the baseline on the training split; its probabilities on `features`' rows and
-    a description of the fit."""
-    from effgen.training.baseline import fit_and_predict
-
-    return fit_and_predict(train_dir, features, max_train_rows=max_train_rows, seed=seed)
-
-
 BASELINE_TEMPLATE = """<h2>Fidelity: network vs gradient-boosted baseline (against the true probabilities)</h2>
 <p>Baseline: scikit-learn HistGradientBoostingClassifier ({{ b.fit.max_leaf_nodes }} leaves, early stopping,
 {{ b.fit.n_iter }} iterations) fitted in {{ fmt(b.fit.fit_s) }} s on the {{ "{:,}".format(b.fit.train_rows) }} training rows
@@ -428,7 +421,7 @@ def strict_json(value):
     return value
 
 
-def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing_path=None,
+def validate(model_path, data_dir, output_dir, max_rows=SCORED_ROWS, preprocessing_path=None,
              batch_size=65536, baseline_train_dir=None, baseline_predictions=None) -> dict:
     """Score `model_path` on up to `max_rows` rows of the shards in `data_dir`; write the
     plots, report.html and metrics.json into `output_dir`; return the metrics. With
@@ -468,8 +461,6 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
         raise ValueError("give the baseline's training split or its predictions, not both")
     baseline_from_file = baseline_predictions is not None
     if baseline_from_file:  # checked before the model runs: it must be for these rows
-        from effgen.training.baseline import read_predictions
-
         baseline_pred, fit_info = read_predictions(baseline_predictions, features)
 
     model = load_keras_model(model_path, compile=True)
@@ -504,7 +495,7 @@ def validate(model_path, data_dir, output_dir, max_rows=1_000_000, preprocessing
     ]
     if (baseline_train_dir is not None or baseline_from_file) and truth is not None:
         if not baseline_from_file:
-            baseline_pred, fit_info = run_baseline(baseline_train_dir, features)
+            baseline_pred, fit_info = fit_and_predict(baseline_train_dir, features)
         metrics["baseline"] = baseline_comparison(fidelity_metrics(pred, labels, truth),
                                                   fidelity_metrics(baseline_pred, labels, truth), fit_info)
         images.append(("Calibration against the truth: network and baseline", plot_fidelity_calibration(
@@ -533,7 +524,7 @@ def register(subparsers):
                    help="shard directory with raw_* extras; truth_* optional (default %(default)s)")
     p.add_argument("--output-dir", type=Path, default=paths["validation_report"],
                    help="default %(default)s")
-    p.add_argument("--max-rows", type=int, default=1_000_000, help="default %(default)s")
+    p.add_argument("--max-rows", type=int, default=SCORED_ROWS, help="default %(default)s")
     p.add_argument("--baseline-train-data", type=Path, default=None,
                    help="the network's training split: fit the gradient-boosted baseline there and "
                         f"compare (default {paths['train']} if it exists and the data have truth columns)")
