@@ -8,7 +8,7 @@ library called directly and against TensorFlow, on the inputs SQLamarr computed.
 
 import numpy as np
 import pytest
-from support import compile_mock, feature_rows
+from support import MOCK_EFFICIENCY_C, compile_mock, feature_rows
 
 from effgen import schema
 from effgen.checks import draws, lamarr, parity, parity_compare
@@ -17,22 +17,7 @@ pytestmark = pytest.mark.lamarr
 
 MOCK_C = r"""
 #include <math.h>
-/* Probabilities that depend on every input, so a swapped or shifted column shows. */
-float *efficiency(float *out, const float *in)
-{
-    float a = 0.8f * in[3] - 3.0f + 0.3f * in[8] - 0.2f * in[9] + 0.1f * in[10];
-    float b = 0.4f * in[6] - 1.0f + 1e-3f * in[2] + 2.0f * in[0] + 2.0f * in[1];
-    float c = 0.5f * in[11] + 3.0f * in[4] - 3.0f * in[5] + 0.1f * in[7];
-    float m = fmaxf(fmaxf(a, b), fmaxf(c, 0.0f));
-    float e0 = expf(-m), e1 = expf(a - m), e2 = expf(b - m), e3 = expf(c - m);
-    float s = e0 + e1 + e2 + e3;
-    out[0] = e0 / s; out[1] = e1 / s; out[2] = e2 / s;
-    out[3] = 1.0f - out[0] - out[1] - out[2];
-    if (out[3] < 0.0f) out[3] = 0.0f;
-    while (out[0] + 0.0f + 0.0f + out[1] + out[2] > 1.0f) out[0] = nextafterf(out[0], 0.0f);
-    return out;
-}
-/* Constant probabilities for the draw-distribution check. */
+""" + MOCK_EFFICIENCY_C + r"""/* Constant probabilities for the draw-distribution check. */
 float *constant(float *out, const float *in)
 {
     (void)in;

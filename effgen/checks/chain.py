@@ -22,7 +22,6 @@ post-processing with the same double-precision arithmetic in Python (libm's exp,
 """
 
 import contextlib
-import gc
 import math
 import os
 import sqlite3
@@ -35,7 +34,7 @@ import numpy as np
 from effgen import schema
 from effgen.atomic import atomic_dir
 from effgen.checks.draws import draw_distribution
-from effgen.checks.lamarr import EFFICIENCY_QUERY, pid_from_flags, write_hepmc2_files
+from effgen.checks.lamarr import EFFICIENCY_QUERY, execute_on_fresh_db, pid_from_flags, write_hepmc2_files
 from effgen.codegen.native import exported_symbols
 from effgen.config import shipped_dir
 from effgen.errors import LamarrError
@@ -254,28 +253,9 @@ def run_chain(library, features, db_path, *, pid=None, seed=0, n_random=N_RANDOM
 
 
 def _execute(library, echo, files, db_path, seeds, n_random):
-    import SQLamarr
-
-    for stale in (db_path, db_path.with_name(db_path.name + "-journal")):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-    db = SQLamarr.SQLite3DB(str(db_path)).seed(seeds["chain"])
-    loader = SQLamarr.HepMC2DataLoader(db)
-    for run, path in enumerate(files):
-        loader.load(str(path), 0, run)
-    algs = _pipeline(db, library, echo, seeds, n_random)
-    failure = None
-    try:
-        SQLamarr.Pipeline(algs).execute()
-    except Exception as err:  # SQLamarr raises SQLiteError / RuntimeError / Exception
-        failure = f"{type(err).__name__}: {err}"
-    # Statements must be finalized before the connection closes (see effgen.checks.lamarr).
-    del algs, loader
-    gc.collect()
-    del db
-    if failure is not None:
-        raise LamarrError(f"SQLamarr tracking chain on {db_path} with {library} aborted ({failure}); "
-                          "SQLamarr printed the SQL error on stderr")
+    execute_on_fresh_db(files, db_path, seeds["chain"],
+                        lambda db: _pipeline(db, library, echo, seeds, n_random),
+                        f"SQLamarr tracking chain on {db_path} with {library}")
 
 
 def read_chain(db_path) -> dict:

@@ -211,8 +211,10 @@ def _pipeline(db, library_path, symbol, echo_path):
 _SQLAMARR_SETUP = threading.Lock()
 
 
-def _run_one(library_path, symbol, hepmc_paths, db_path, seed, echo_path):
-    """Load files into a fresh database file and run the step on it (one connection)."""
+def execute_on_fresh_db(hepmc_paths, db_path, seed, make_pipeline, what):
+    """Load the HepMC files into a fresh SQLamarr database file (one connection, seeded)
+    and execute the algorithms `make_pipeline(db)` returns; `what` names the run in the
+    error if SQLamarr aborts."""
     import SQLamarr
 
     db_path = Path(db_path)
@@ -228,7 +230,7 @@ def _run_one(library_path, symbol, hepmc_paths, db_path, seed, echo_path):
         loader = SQLamarr.HepMC2DataLoader(db)
         for run, path in enumerate(hepmc_paths):
             loader.load(str(path), 0, run)
-        algs = _pipeline(db, library_path, symbol, echo_path)
+        algs = make_pipeline(db)
     failure = None
     try:
         SQLamarr.Pipeline(algs).execute()
@@ -236,13 +238,20 @@ def _run_one(library_path, symbol, hepmc_paths, db_path, seed, echo_path):
         failure = f"{type(err).__name__}: {err}"
     # The algorithms' statements must be finalized before the connection closes:
     # SQLamarr throws (and the process aborts) if it closes with statements alive.
-    # Hence no exception (whose traceback would keep them) crosses this point.
+    # Hence no exception (whose traceback would keep them) crosses this point, and
+    # nothing outside this function holds the database or the algorithms.
     del algs, loader
     gc.collect()
     del db
     if failure is not None:
-        raise LamarrError(f"SQLamarr pipeline on {db_path} with {library_path}:{symbol} "
-                          f"aborted ({failure}); SQLamarr printed the SQL error on stderr")
+        raise LamarrError(f"{what} aborted ({failure}); SQLamarr printed the SQL error on stderr")
+
+
+def _run_one(library_path, symbol, hepmc_paths, db_path, seed, echo_path):
+    """Load files into a fresh database file and run the step on it (one connection)."""
+    execute_on_fresh_db(hepmc_paths, db_path, seed,
+                        lambda db: _pipeline(db, library_path, symbol, echo_path),
+                        f"SQLamarr pipeline on {db_path} with {library_path}:{symbol}")
     return _read_results(db_path, echo_path is not None)
 
 
