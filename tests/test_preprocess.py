@@ -597,3 +597,23 @@ def test_fit_process_imports_scikit_learn_before_the_request():
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "effgen.data.fit_process"],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
     assert "sklearn.preprocessing" in proc.stderr and "sklearn.compose" in proc.stderr
+
+
+@pytest.mark.parametrize("n", [1, 700, 5000, 30_000])
+def test_fit_quantiles_are_scikit_learns(n):
+    """fit_quantiles (numpy alone: pass 2 transforms with it while the child pickles the
+    fit) gives QuantileTransformer's tables bit for bit: fewer rows than quantiles, fewer
+    than its 10,000-row subsample, more (then its seeded subsample), repeated values."""
+    from support import raw_features
+
+    X = raw_features(n, 3)
+    for seed in (0, 11):
+        ours = preprocess.fit_quantiles(X, seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # n_quantiles > n
+            quantile = preprocess.fit_preprocessing(X, seed).named_transformers_["quantile"]
+        assert ours.quantiles_.tobytes() == quantile.quantiles_.tobytes()
+        assert ours.quantiles_.shape == quantile.quantiles_.shape
+        assert ours.references_.tobytes() == quantile.references_.tobytes()
+    with pytest.raises(ValueError, match="expected an"):
+        preprocess.fit_quantiles(X[:, :11], 0)

@@ -14,9 +14,11 @@ One streaming pass over the input, then one over a scratch copy:
    raw bytes, in one scratch file per (chunk, split);
 2. the preprocessing (DOMAIN.md section 2's ColumnTransformer: a normal-output
    QuantileTransformer on the 8 continuous features, passthrough on the 4 flags) is
-   fitted on that sample, in a child process started with pass 1 (effgen.data.fit_process:
-   scikit-learn's import runs beside pass 1, and this process never imports it); each
-   shard's pieces are then read (in input order), ordered by their rows' hash (a seeded
+   fitted on that sample: its quantile tables here, with numpy (fit_quantiles), and the
+   pickled ColumnTransformer in a child process started with pass 1
+   (effgen.data.fit_process: scikit-learn's import runs beside pass 1, its fit beside
+   pass 2, and this process never imports it; its tables are checked to be these);
+   each shard's pieces are read (in input order), ordered by their rows' hash (a seeded
    shuffle), transformed and written as one shard.
 So each shard is a random subset of the whole sample in random order, and an input
 sorted by momentum or by event trains like a shuffled one. Peak memory is one input
@@ -132,6 +134,38 @@ def fit_preprocessing(X_raw: np.ndarray, seed: int):
     name, step, columns = ct.transformers_[0]
     ct.transformers_[0] = (name, clone(step).fit(X[:, columns]), columns)
     return ct
+
+
+# scikit-learn's QuantileTransformer defaults, which fit_preprocessing keeps.
+N_QUANTILES, FIT_SUBSAMPLE = 1000, 10_000
+
+
+def fit_quantiles(X_raw: np.ndarray, seed: int) -> "Quantiles":
+    """The quantile tables of fit_preprocessing(X_raw, seed), computed here with numpy
+    alone (no scikit-learn): the same steps as QuantileTransformer.fit (dense input) on
+    the same float64 columns, so the same numbers, bit for bit (preprocess checks them
+    against the child's fit, and falls back on it if they ever differ)."""
+    X_raw = np.asarray(X_raw)
+    if X_raw.ndim != 2 or X_raw.shape[1] != N_FEATURES:
+        raise ValueError(f"expected an (n, {N_FEATURES}) array of raw features, got {X_raw.shape}")
+    return _quantiles(X_raw[_fit_rows(len(X_raw), seed), :N_CONTINUOUS], len(X_raw))
+
+
+def _fit_rows(n: int, seed: int):
+    """The rows QuantileTransformer.fit reads out of n, in its order: all of them, or
+    sklearn.utils.resample's (replace=False) seeded subsample."""
+    if FIT_SUBSAMPLE >= n:
+        return slice(None)
+    rows = np.arange(n)
+    np.random.RandomState(seed).shuffle(rows)
+    return rows[:FIT_SUBSAMPLE]
+
+
+def _quantiles(X: np.ndarray, n: int) -> "Quantiles":
+    """QuantileTransformer's tables from the continuous columns of the rows it reads
+    (_fit_rows) out of n."""
+    references = np.linspace(0, 1, max(1, min(N_QUANTILES, n)), endpoint=True)
+    return Quantiles(np.nanpercentile(X.astype(np.float64), references * 100, axis=0), references)
 
 
 def transform(ct, X_raw: np.ndarray, threads=None) -> np.ndarray:
@@ -711,15 +745,27 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
                     if empty:
                         raise DataError(f"too few rows ({counts.kept}) to split: split(s) {empty} would be "
                                         f"empty; {counts.summary()}")
-                    blob, tables = fitter.fit(rowsplit.sample_rows(fit_sample), seed, tmp)
+                    fit = _Fit(fitter, fit_sample, seed, tmp)
                     report = {"inputs": [str(s.path) for s in sources], "tree": tree, "seed": seed,
                               "split_key": key, "rows": rows, "fit_rows": int(len(fit_sample.priority)),
                               **counts.as_dict()}
                     try:
-                        _write_outputs(runner, tmp, groups, blob, tables, n_buckets, has_truth, out_dirs,
-                                       output_dir / REPORT, report, preprocessing_path, force, files)
+                        done = _write_outputs(runner, tmp, groups, fit, fit.tables, n_buckets, has_truth,
+                                              out_dirs, output_dir / REPORT, report, preprocessing_path,
+                                              force, files)
                     finally:
                         files.close()
+                    if not done:  # the child's tables differ from fit_quantiles': its, again
+                        bar.total += 2 * total
+                        files = _ScratchFiles()
+                        groups = _spill_pass(runner, sources, tmp, key, seed, n_buckets, max_fit_rows,
+                                             step_size)[3]
+                        try:
+                            _write_outputs(runner, tmp, groups, fit, fit.result()[1], n_buckets, has_truth,
+                                           out_dirs, output_dir / REPORT, report, preprocessing_path,
+                                           force, files)
+                        finally:
+                            files.close()
         except BaseException:
             if created and output_dir.is_dir() and not any(output_dir.iterdir()):
                 output_dir.rmdir()  # made for the scratch files only: leave nothing behind
@@ -808,12 +854,12 @@ def _chunk_graph(runner, jobs, max_fit_rows):
     return spilled, runner.task(rowsplit.bottom_k, max_fit_rows, *[s for _, s in stack])
 
 
-def _write_outputs(runner, scratch, groups, blob, ct, n_buckets, has_truth, out_dirs, report_path,
-                   report, preprocessing_path, force, files):
+def _write_outputs(runner, scratch, groups, fit, ct, n_buckets, has_truth, out_dirs, report_path,
+                   report, preprocessing_path, force, files) -> bool:
     """Pass 2: one shard per (split, bucket) that received rows, transformed with `ct` (the
-    fitted preprocessing or its Quantiles), then definitions, report and pickle (`blob`),
-    staged and renamed together."""
-    sha = hashlib.sha256(blob).hexdigest()
+    fitted preprocessing or its Quantiles), then definitions, report and pickle (the
+    `fit`'s), staged and renamed together. False (nothing renamed) if the fit's tables
+    are not `ct`'s."""
     offsets = _groups(n_buckets)
     # Parallel tasks transform one column at a time; alone, a task uses every core.
     threads = 1 if runner.parallel else _threads()
@@ -830,6 +876,11 @@ def _write_outputs(runner, scratch, groups, blob, ct, n_buckets, has_truth, out_
                 shards.append((g, pieces, split_dirs[name] / f"part-{k:05d}.feather"))
         runner.compute([runner.task(_write_shard_task, g, pieces, ct, has_truth, path, threads)
                         for g, pieces, path in shards])
+        blob, tables = fit.result()
+        if not _same_tables(tables, ct):
+            staged._discard()
+            return False
+        sha = hashlib.sha256(blob).hexdigest()
         for name in out_dirs:
             write_definitions(split_dirs[name], schema.FEATURES, schema.LABELS,
                               extra_columns(has_truth), preprocessing_sha256=sha)
@@ -838,6 +889,44 @@ def _write_outputs(runner, scratch, groups, blob, ct, n_buckets, has_truth, out_
         # Staged last, so renamed last: a replaced pickle means every split is new too.
         with staged.file(preprocessing_path) as f:
             f.write(blob)
+    return True
+
+
+def _same_tables(a, b) -> bool:
+    """Whether two Quantiles hold the same numbers, bit for bit."""
+    return all(x.shape == y.shape and x.dtype == y.dtype and x.tobytes() == y.tobytes()
+               for x, y in ((a.quantiles_, b.quantiles_), (a.references_, b.references_)))
+
+
+class _Fit:
+    """The preprocessing's fit on pass 1's sample, off pass 2's path: its quantile tables
+    computed here at once (fit_quantiles: pass 2 transforms with them), the pickled
+    ColumnTransformer made by the child process (effgen.data.fit_process) meanwhile, on a
+    thread that hands it the sample and waits. result() returns the child's (pickle,
+    tables); preprocess checks they are these tables."""
+
+    def __init__(self, fitter, sample, seed, scratch):
+        order = rowsplit.sample_order(sample)
+        n = len(order)
+        # Only the rows the fit reads, gathered here; the whole sample on the thread.
+        self.tables = _quantiles(np.take(sample.rows, order[_fit_rows(n, seed)], axis=0)[:, :N_CONTINUOUS], n)
+        self._result = self._error = None
+
+        def run():
+            try:
+                fitter.submit(np.take(sample.rows, order, axis=0), seed, scratch)
+                self._result = fitter.result()
+            except BaseException as err:  # raised by result()
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="effgen-fit", daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def register(subparsers):

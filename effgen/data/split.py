@@ -146,10 +146,15 @@ def bottom_k(k: int, *samples: FitSample) -> FitSample:
     return FitSample(pri[keep], ids[keep], np.take(rows, keep, axis=0))  # take: 3x rows[keep]
 
 
-def sample_rows(sample: FitSample) -> np.ndarray:
-    """The sample's rows in (priority, row_id) order (independent of how it was built)."""
+def sample_order(sample: FitSample) -> np.ndarray:
+    """The permutation putting the sample's rows in (priority, row_id) order."""
     order = np.argsort(sample.priority)
     ranked = sample.priority[order]
     if len(ranked) > 1 and bool((ranked[1:] == ranked[:-1]).any()):
         order = np.lexsort((sample.row_id, sample.priority))
-    return np.take(sample.rows, order, axis=0)
+    return order
+
+
+def sample_rows(sample: FitSample) -> np.ndarray:
+    """The sample's rows in (priority, row_id) order (independent of how it was built)."""
+    return np.take(sample.rows, sample_order(sample), axis=0)
