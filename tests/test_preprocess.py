@@ -617,3 +617,21 @@ def test_fit_quantiles_are_scikit_learns(n):
         assert ours.references_.tobytes() == quantile.references_.tobytes()
     with pytest.raises(ValueError, match="expected an"):
         preprocess.fit_quantiles(X[:, :11], 0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_shards_writeback_starts_once_it_is_written(small_sample, tmp_path, monkeypatch, workers):
+    """Every shard's pages are handed to the disk as soon as it is written (so that they
+    do not pile up on the scratch files' and make the kernel write those), whole."""
+    started = []
+
+    def start(path):
+        started.append((path.name, path.stat().st_size))
+
+    monkeypatch.setattr(preprocess, "_start_writeback", start)
+    _run(small_sample, tmp_path, workers=workers, step_size=500)
+    shards = sorted((p.name, p.stat().st_size) for p in (tmp_path / "data").rglob("part-*.feather"))
+    assert len(shards) == 6 and sorted(started) == shards
+    preprocess._SYNC_FILE_RANGE.clear()
+    monkeypatch.undo()
+    preprocess._start_writeback(next((tmp_path / "data").rglob("part-*.feather")))  # really runs

@@ -406,6 +406,36 @@ def _write_shard(table: pa.Table, path: Path):
         writer.write_table(table)
 
 
+_SYNC_FILE_RANGE = []  # [libc's sync_file_range, or None where there is none]
+
+
+def _start_writeback(path: Path):
+    """Start writing a finished shard to disk now, without waiting for the disk (Linux's
+    sync_file_range; elsewhere nothing). The system would write it within seconds
+    anyway; started here, the shards' dirty pages do not pile up on top of the scratch
+    files' until the kernel's background writeback starts, which writes the oldest files
+    first: scratch files about to be deleted (disk time wasted, and deleting a file being
+    written waits for the disk: seconds at the end of a 20M-row run)."""
+    if not _SYNC_FILE_RANGE:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            sync_file_range = libc.sync_file_range
+            sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        except (OSError, AttributeError):
+            sync_file_range = None
+        _SYNC_FILE_RANGE.append(sync_file_range)
+    if _SYNC_FILE_RANGE[0] is not None:
+        SYNC_FILE_RANGE_WRITE = 2
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            _SYNC_FILE_RANGE[0](fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # a failure leaves it to the system
+        finally:
+            os.close(fd)
+
+
 def _has_truth(sources) -> bool:
     """Whether the inputs hold every truth column (all files hold the same ones)."""
     return all(c in sources[0].optional for c in schema.TRUTH)
@@ -644,18 +674,20 @@ def _shard_table(scratch: dict, ct, truth: bool, threads=None) -> pa.Table:
 
 def _write_shard_task(key, pieces, ct, truth, path, threads):
     """Pass 2 on one shard: its scratch pieces ((file, rows, offset), in input order)
-    read, ordered, transformed and written to `path`. Returns (the shard's rows, key)."""
+    read, ordered, transformed and written to `path`. Returns (the shard's rows, key,
+    path)."""
     scratch = _read_pieces(pieces, truth)
     n = len(scratch[ROW_ID])
     _write_shard(_shard_table(scratch, ct, truth, threads), path)
-    return n, key
+    return n, key, path
 
 
 class _ScratchFiles:
     """Pass 2's scratch files, each deleted (on a background thread: deleting a file whose
     pages are being written back waits for the disk) once every shard reading it is
-    written, so the scratch disk is freed as the shards appear. `read(key)` is called in
-    the calling process as each shard task ends (tasks may run in other processes)."""
+    written, so the scratch disk is freed as the shards appear; and the shards' writeback
+    started (_start_writeback) on the same thread. `read(key, shard)` is called in the
+    calling process as each shard task ends (tasks may run in other processes)."""
 
     def __init__(self):
         self._readers, self._files = {}, {}  # file -> shards still to read it; key -> files
@@ -666,7 +698,9 @@ class _ScratchFiles:
         for f in self._files[key]:
             self._readers[f] = self._readers.get(f, 0) + 1
 
-    def read(self, key):
+    def read(self, key, shard=None):
+        if shard is not None:
+            self._pool.submit(_start_writeback, shard)
         for f in self._files.pop(key):
             self._readers[f] -= 1
             if not self._readers[f]:
@@ -733,7 +767,7 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
                         bar.update(value[0].entries)
                     elif name == _write_shard_task.__name__:
                         bar.update(value[0])
-                        files.read(value[1])
+                        files.read(value[1], value[2])
 
                 runner = Runner(workers, scheduler, on_result=advance)
                 with _frozen_gc(runner):
