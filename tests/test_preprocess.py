@@ -635,3 +635,23 @@ def test_each_shards_writeback_starts_once_it_is_written(small_sample, tmp_path,
     preprocess._SYNC_FILE_RANGE.clear()
     monkeypatch.undo()
     preprocess._start_writeback(next((tmp_path / "data").rglob("part-*.feather")))  # really runs
+
+
+def test_assign_split_and_group_order_match_plain_numpy():
+    """The integer split assignment is the float search it replaces, at the bounds too;
+    group_order is a stable argsort (16- and 32-bit packings, ties everywhere)."""
+    from effgen.data import split
+
+    rng = np.random.default_rng(5)
+    for fractions in ([0.5, 0.4, 0.1], [1, 2, 3, 4], [0.3, 0.7, 0.0], [1.0]):
+        bounds = np.cumsum(fractions, dtype=np.float64)
+        bounds /= bounds[-1]
+        edges = [int(np.ceil(b * 2.0**53)) + d for b in bounds for d in (-1, 0, 1)]
+        m = np.array([e for e in edges if 0 <= e < 2**53] + [0, 2**53 - 1], np.uint64)
+        h = np.concatenate([m << np.uint64(11), (m << np.uint64(11)) | np.uint64(2047),
+                            rng.integers(0, 2**64 - 1, 10_000, dtype=np.uint64)])
+        old = np.minimum(np.searchsorted(bounds, split.unit(h), side="right"), len(bounds) - 1)
+        np.testing.assert_array_equal(split.assign_split(h, fractions), old)
+    for n, groups in ((0, 3), (1, 1), (5000, 40), (70_000, 3000), (1 << 17, 1 << 16)):
+        group = rng.integers(0, groups, n)
+        np.testing.assert_array_equal(split.group_order(group, groups), np.argsort(group, kind="stable"))

@@ -518,14 +518,10 @@ def _spill_chunk(job: _Chunk):
     offsets = job.group_offsets
     nb = np.diff(offsets).astype(np.uint64)
     group = offsets[which] + (rowsplit.stream(h, rowsplit.BUCKET) % nb[which]).astype(np.int64)
-    # Rows grouped by (split, bucket), in input order within a group: a stable sort of
-    # small integers (a radix sort in numpy). Each column is then scattered to its place
-    # (read in order, written in one sequential stream per group): 3x faster than
-    # gathering it through the sort's permutation.
-    order = np.argsort(group.astype(np.int16 if offsets[-1] < (1 << 15) else np.int64), kind="stable")
-    dest = np.empty(len(order), np.intp)
-    dest[order] = np.arange(len(order))
-    del order
+    # Rows grouped by (split, bucket), in input order within a group; each column then
+    # gathered through that permutation (np.take, mode="clip": faster than scattering
+    # through its inverse, which also costs the inversion).
+    order = rowsplit.group_order(group, int(offsets[-1]))
 
     # Labels and species flags are not spilled: pass 2 derives them from type and pid.
     values = {RAW[j]: d["features"][j] for j in SPILLED_FEATURES}
@@ -533,11 +529,11 @@ def _spill_chunk(job: _Chunk):
     values[ROW_ID] = row_ids
     values[ORDER] = rowsplit.stream(h, rowsplit.ORDER)
     layout = _scratch_columns(job.truth)
-    with job.buffers.get(sum(_aligned(len(dest) * dt.itemsize) for _, dt in layout)) as buf:
+    with job.buffers.get(sum(_aligned(len(order) * dt.itemsize) for _, dt in layout)) as buf:
         cols, at = [], 0
         for name, dt in layout:
-            out = buf[at:at + len(dest) * dt.itemsize].view(dt)
-            out[dest] = values[name]
+            out = buf[at:at + len(order) * dt.itemsize].view(dt)
+            np.take(values[name].astype(dt, copy=False), order, out=out, mode="clip")
             cols.append(out)
             at += _aligned(out.nbytes)
         sizes = np.bincount(group, minlength=int(offsets[-1]))
