@@ -465,3 +465,32 @@ def test_tables_unlike_the_childs_fit_are_not_used(arrays, tmp_path, monkeypatch
     run(path, tmp_path / "wrong", workers=2)
     assert len(spills) == 2
     assert _output_bytes(tmp_path / "wrong") == _output_bytes(tmp_path / "right")
+
+
+def test_definitions_and_pickle_are_staged_beside_pass_two(arrays, tmp_path, monkeypatch):
+    """The small outputs (definitions, preprocess.json, tX.pkl) are written and flushed as
+    soon as the child's fit is in, while shards are still being written (flushing at the
+    end would wait for the disk behind the shards): here the first shard waits for them."""
+    import threading
+
+    path = write_root(tmp_path / "t.root", take(arrays, slice(0, 4000)))
+    defined = threading.Event()
+    real_defs, real_write = preprocess.write_definitions, preprocess._write_shard
+    waited = []
+
+    def defs(*args, **kwargs):
+        real_defs(*args, **kwargs)
+        defined.set()
+
+    def write(table, path):
+        if not waited:
+            waited.append(defined.wait(timeout=30))
+        real_write(table, path)
+
+    monkeypatch.setattr(preprocess, "write_definitions", defs)
+    monkeypatch.setattr(preprocess, "_write_shard", write)
+    run(path, tmp_path / "a", workers=1)
+    assert waited == [True]
+    monkeypatch.undo()
+    run(path, tmp_path / "b", workers=1)
+    assert _output_bytes(tmp_path / "a") == _output_bytes(tmp_path / "b")

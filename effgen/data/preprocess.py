@@ -904,21 +904,33 @@ def _write_outputs(runner, scratch, groups, fit, ct, n_buckets, has_truth, out_d
                 pieces = [(_scratch_path(scratch, i, s), n, at) for i, n, at in groups[g]]
                 files.add(g, [f for f, _, _ in pieces])  # every reader counted before any task ends
                 shards.append((g, pieces, split_dirs[name] / f"part-{k:05d}.feather"))
-        runner.compute([runner.task(_write_shard_task, g, pieces, ct, has_truth, path, threads)
-                        for g, pieces, path in shards])
-        blob, tables = fit.result()
-        if not _same_tables(tables, ct):
+
+        def finish() -> bool:
+            """Definitions, report and pickle staged as soon as the child's fit is in,
+            beside the shards (flushing them to disk waits for the disk, which by the end
+            of pass 2 holds seconds of shard writes); False if its tables are not ct's."""
+            blob, tables = fit.result()
+            if not _same_tables(tables, ct):
+                return False
+            sha = hashlib.sha256(blob).hexdigest()
+            for name in out_dirs:
+                write_definitions(split_dirs[name], schema.FEATURES, schema.LABELS,
+                                  extra_columns(has_truth), preprocessing_sha256=sha)
+            with staged.file(report_path, "w") as f:
+                f.write(json.dumps(report, indent=2) + "\n")
+            # Staged last, so renamed last: a replaced pickle means every split is new too.
+            with staged.file(preprocessing_path) as f:
+                f.write(blob)
+            return True
+
+        with ThreadPoolExecutor(1) as pool:
+            finishing = pool.submit(finish)
+            runner.compute([runner.task(_write_shard_task, g, pieces, ct, has_truth, path, threads)
+                            for g, pieces, path in shards])
+            done = finishing.result()
+        if not done:
             staged._discard()
             return False
-        sha = hashlib.sha256(blob).hexdigest()
-        for name in out_dirs:
-            write_definitions(split_dirs[name], schema.FEATURES, schema.LABELS,
-                              extra_columns(has_truth), preprocessing_sha256=sha)
-        with staged.file(report_path, "w") as f:
-            f.write(json.dumps(report, indent=2) + "\n")
-        # Staged last, so renamed last: a replaced pickle means every split is new too.
-        with staged.file(preprocessing_path) as f:
-            f.write(blob)
     return True
 
 
