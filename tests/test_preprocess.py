@@ -597,3 +597,61 @@ def test_fit_process_imports_scikit_learn_before_the_request():
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "effgen.data.fit_process"],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
     assert "sklearn.preprocessing" in proc.stderr and "sklearn.compose" in proc.stderr
+
+
+@pytest.mark.parametrize("n", [1, 700, 5000, 30_000])
+def test_fit_quantiles_are_scikit_learns(n):
+    """fit_quantiles (numpy alone: pass 2 transforms with it while the child pickles the
+    fit) gives QuantileTransformer's tables bit for bit: fewer rows than quantiles, fewer
+    than its 10,000-row subsample, more (then its seeded subsample), repeated values."""
+    from support import raw_features
+
+    X = raw_features(n, 3)
+    for seed in (0, 11):
+        ours = preprocess.fit_quantiles(X, seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # n_quantiles > n
+            quantile = preprocess.fit_preprocessing(X, seed).named_transformers_["quantile"]
+        assert ours.quantiles_.tobytes() == quantile.quantiles_.tobytes()
+        assert ours.quantiles_.shape == quantile.quantiles_.shape
+        assert ours.references_.tobytes() == quantile.references_.tobytes()
+    with pytest.raises(ValueError, match="expected an"):
+        preprocess.fit_quantiles(X[:, :11], 0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_shards_writeback_starts_once_it_is_written(small_sample, tmp_path, monkeypatch, workers):
+    """Every shard's pages are handed to the disk as soon as it is written (so that they
+    do not pile up on the scratch files' and make the kernel write those), whole."""
+    started = []
+
+    def start(path):
+        started.append((path.name, path.stat().st_size))
+
+    monkeypatch.setattr(preprocess, "_start_writeback", start)
+    _run(small_sample, tmp_path, workers=workers, step_size=500)
+    shards = sorted((p.name, p.stat().st_size) for p in (tmp_path / "data").rglob("part-*.feather"))
+    assert len(shards) == 6 and sorted(started) == shards
+    preprocess._SYNC_FILE_RANGE.clear()
+    monkeypatch.undo()
+    preprocess._start_writeback(next((tmp_path / "data").rglob("part-*.feather")))  # really runs
+
+
+def test_assign_split_and_group_order_match_plain_numpy():
+    """The integer split assignment is the float search it replaces, at the bounds too;
+    group_order is a stable argsort (16- and 32-bit packings, ties everywhere)."""
+    from effgen.data import split
+
+    rng = np.random.default_rng(5)
+    for fractions in ([0.5, 0.4, 0.1], [1, 2, 3, 4], [0.3, 0.7, 0.0], [1.0]):
+        bounds = np.cumsum(fractions, dtype=np.float64)
+        bounds /= bounds[-1]
+        edges = [int(np.ceil(b * 2.0**53)) + d for b in bounds for d in (-1, 0, 1)]
+        m = np.array([e for e in edges if 0 <= e < 2**53] + [0, 2**53 - 1], np.uint64)
+        h = np.concatenate([m << np.uint64(11), (m << np.uint64(11)) | np.uint64(2047),
+                            rng.integers(0, 2**64 - 1, 10_000, dtype=np.uint64)])
+        old = np.minimum(np.searchsorted(bounds, split.unit(h), side="right"), len(bounds) - 1)
+        np.testing.assert_array_equal(split.assign_split(h, fractions), old)
+    for n, groups in ((0, 3), (1, 1), (5000, 40), (70_000, 3000), (1 << 17, 1 << 16)):
+        group = rng.integers(0, groups, n)
+        np.testing.assert_array_equal(split.group_order(group, groups), np.argsort(group, kind="stable"))

@@ -416,3 +416,81 @@ def test_sorted_tuple_without_truth_goes_through_preprocess_train_and_validate(t
     html = (tmp_path / "report" / "report.html").read_text()
     assert "truth scores" in html.lower() and "need them" in html
     assert {"eta_by_momentum.png", "z_by_momentum.png", "calibration.png"} <= set(metrics["plots"])
+
+
+def test_pass_two_does_not_wait_for_the_fit_child(arrays, tmp_path, monkeypatch):
+    """Pass 2 transforms with fit_quantiles' tables at once: the child's pickle is awaited
+    only once the shards are written (the child here answers only after the first shard)."""
+    import threading
+
+    from effgen.data.fit_process import FitProcess
+
+    path = write_root(tmp_path / "t.root", take(arrays, slice(0, 4000)))
+    shard_written = threading.Event()
+    real_write, real_result = preprocess._write_shard, FitProcess.result
+    waited = []
+
+    def write(table, path):
+        real_write(table, path)
+        shard_written.set()
+
+    def result(self):
+        waited.append(shard_written.wait(timeout=20))
+        return real_result(self)
+
+    monkeypatch.setattr(preprocess, "_write_shard", write)
+    monkeypatch.setattr(FitProcess, "result", result)
+    run(path, tmp_path / "a", workers=1)
+    assert waited == [True]
+    monkeypatch.undo()
+    run(path, tmp_path / "b", workers=1)
+    assert _output_bytes(tmp_path / "a") == _output_bytes(tmp_path / "b")
+
+
+def test_tables_unlike_the_childs_fit_are_not_used(arrays, tmp_path, monkeypatch):
+    """Should fit_quantiles ever disagree with scikit-learn's fit (a new version), the run
+    starts again with the child's tables: the outputs are those of the child's fit."""
+    path = write_root(tmp_path / "t.root", take(arrays, slice(0, 4000)))
+    run(path, tmp_path / "right", workers=2)
+    real = preprocess._quantiles
+    spills = []
+    real_spill = preprocess._spill_pass
+
+    def off(X, n):
+        q = real(X, n)
+        return preprocess.Quantiles(q.quantiles_ * 1.001, q.references_)
+
+    monkeypatch.setattr(preprocess, "_quantiles", off)
+    monkeypatch.setattr(preprocess, "_spill_pass", lambda *a: spills.append(1) or real_spill(*a))
+    run(path, tmp_path / "wrong", workers=2)
+    assert len(spills) == 2
+    assert _output_bytes(tmp_path / "wrong") == _output_bytes(tmp_path / "right")
+
+
+def test_definitions_and_pickle_are_staged_beside_pass_two(arrays, tmp_path, monkeypatch):
+    """The small outputs (definitions, preprocess.json, tX.pkl) are written and flushed as
+    soon as the child's fit is in, while shards are still being written (flushing at the
+    end would wait for the disk behind the shards): here the first shard waits for them."""
+    import threading
+
+    path = write_root(tmp_path / "t.root", take(arrays, slice(0, 4000)))
+    defined = threading.Event()
+    real_defs, real_write = preprocess.write_definitions, preprocess._write_shard
+    waited = []
+
+    def defs(*args, **kwargs):
+        real_defs(*args, **kwargs)
+        defined.set()
+
+    def write(table, path):
+        if not waited:
+            waited.append(defined.wait(timeout=30))
+        real_write(table, path)
+
+    monkeypatch.setattr(preprocess, "write_definitions", defs)
+    monkeypatch.setattr(preprocess, "_write_shard", write)
+    run(path, tmp_path / "a", workers=1)
+    assert waited == [True]
+    monkeypatch.undo()
+    run(path, tmp_path / "b", workers=1)
+    assert _output_bytes(tmp_path / "a") == _output_bytes(tmp_path / "b")

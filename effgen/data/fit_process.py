@@ -9,7 +9,8 @@ process' past).
 and waits; `fit(rows, seed, scratch)` hands it the fit sample (an .npy file in the
 scratch directory) and gets back the pickled ColumnTransformer (the bytes `pickle.dumps`
 gives in this process for the same fit) and its quantile tables, so that this process
-never imports scikit-learn. A child that dies or fails raises PreprocessingError with
+never imports scikit-learn (`submit` then `result`: the same in two steps, so that the
+caller works meanwhile). A child that dies or fails raises PreprocessingError with
 its message; closing (or this process ending: the child reads EOF) stops it.
 """
 
@@ -45,17 +46,31 @@ class FitProcess:
     def fit(self, rows: np.ndarray, seed: int, scratch: Path):
         """(pickled fitted ColumnTransformer, effgen.data.preprocess.Quantiles) for the raw
         feature rows `rows` (n, 12), as fit_preprocessing(rows, seed) in this process."""
-        from effgen.data.preprocess import Quantiles
+        self.submit(rows, seed, scratch)
+        return self.result()
 
+    def submit(self, rows: np.ndarray, seed: int, scratch: Path):
+        """Hand the child the fit of `rows` (see fit) without waiting for it: result()
+        then waits for its answer."""
         scratch = Path(scratch)
-        sample, out = scratch / "fit-sample.npy", scratch / "fit"
+        sample, self._out = scratch / "fit-sample.npy", scratch / "fit"
         np.save(sample, rows, allow_pickle=False)
-        request = {"sample": str(sample), "seed": int(seed), "out": str(out)}
+        self._files = [sample, self._out.with_suffix(".pkl"), self._out.with_suffix(".npz")]
+        request = {"sample": str(sample), "seed": int(seed), "out": str(self._out)}
         try:
             self._proc.stdin.write(json.dumps(request) + "\n")
             self._proc.stdin.flush()
+        except OSError:  # the child is gone: result() says why
+            pass
+
+    def result(self):
+        """What fit returns, for the rows handed over by submit."""
+        from effgen.data.preprocess import Quantiles
+
+        out = self._out
+        try:
             reply = self._proc.stdout.readline().strip()
-        except OSError:  # the child is gone: its stderr says why
+        except (OSError, ValueError):  # the child is gone (or closed): its stderr says why
             reply = ""
         if reply != "ok":
             why = reply or self._tail()
@@ -66,7 +81,7 @@ class FitProcess:
         blob = (out.with_suffix(".pkl")).read_bytes()
         with np.load(out.with_suffix(".npz"), allow_pickle=False) as tables:
             quantiles = Quantiles(tables["quantiles"], tables["references"])
-        for f in (sample, out.with_suffix(".pkl"), out.with_suffix(".npz")):
+        for f in self._files:
             f.unlink()
         return blob, quantiles
 

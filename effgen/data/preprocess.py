@@ -14,9 +14,11 @@ One streaming pass over the input, then one over a scratch copy:
    raw bytes, in one scratch file per (chunk, split);
 2. the preprocessing (DOMAIN.md section 2's ColumnTransformer: a normal-output
    QuantileTransformer on the 8 continuous features, passthrough on the 4 flags) is
-   fitted on that sample, in a child process started with pass 1 (effgen.data.fit_process:
-   scikit-learn's import runs beside pass 1, and this process never imports it); each
-   shard's pieces are then read (in input order), ordered by their rows' hash (a seeded
+   fitted on that sample: its quantile tables here, with numpy (fit_quantiles), and the
+   pickled ColumnTransformer in a child process started with pass 1
+   (effgen.data.fit_process: scikit-learn's import runs beside pass 1, its fit beside
+   pass 2, and this process never imports it; its tables are checked to be these);
+   each shard's pieces are read (in input order), ordered by their rows' hash (a seeded
    shuffle), transformed and written as one shard.
 So each shard is a random subset of the whole sample in random order, and an input
 sorted by momentum or by event trains like a shuffled one. Peak memory is one input
@@ -132,6 +134,38 @@ def fit_preprocessing(X_raw: np.ndarray, seed: int):
     name, step, columns = ct.transformers_[0]
     ct.transformers_[0] = (name, clone(step).fit(X[:, columns]), columns)
     return ct
+
+
+# scikit-learn's QuantileTransformer defaults, which fit_preprocessing keeps.
+N_QUANTILES, FIT_SUBSAMPLE = 1000, 10_000
+
+
+def fit_quantiles(X_raw: np.ndarray, seed: int) -> "Quantiles":
+    """The quantile tables of fit_preprocessing(X_raw, seed), computed here with numpy
+    alone (no scikit-learn): the same steps as QuantileTransformer.fit (dense input) on
+    the same float64 columns, so the same numbers, bit for bit (preprocess checks them
+    against the child's fit, and falls back on it if they ever differ)."""
+    X_raw = np.asarray(X_raw)
+    if X_raw.ndim != 2 or X_raw.shape[1] != N_FEATURES:
+        raise ValueError(f"expected an (n, {N_FEATURES}) array of raw features, got {X_raw.shape}")
+    return _quantiles(X_raw[_fit_rows(len(X_raw), seed), :N_CONTINUOUS], len(X_raw))
+
+
+def _fit_rows(n: int, seed: int):
+    """The rows QuantileTransformer.fit reads out of n, in its order: all of them, or
+    sklearn.utils.resample's (replace=False) seeded subsample."""
+    if FIT_SUBSAMPLE >= n:
+        return slice(None)
+    rows = np.arange(n)
+    np.random.RandomState(seed).shuffle(rows)
+    return rows[:FIT_SUBSAMPLE]
+
+
+def _quantiles(X: np.ndarray, n: int) -> "Quantiles":
+    """QuantileTransformer's tables from the continuous columns of the rows it reads
+    (_fit_rows) out of n."""
+    references = np.linspace(0, 1, max(1, min(N_QUANTILES, n)), endpoint=True)
+    return Quantiles(np.nanpercentile(X.astype(np.float64), references * 100, axis=0), references)
 
 
 def transform(ct, X_raw: np.ndarray, threads=None) -> np.ndarray:
@@ -372,6 +406,36 @@ def _write_shard(table: pa.Table, path: Path):
         writer.write_table(table)
 
 
+_SYNC_FILE_RANGE = []  # [libc's sync_file_range, or None where there is none]
+
+
+def _start_writeback(path: Path):
+    """Start writing a finished shard to disk now, without waiting for the disk (Linux's
+    sync_file_range; elsewhere nothing). The system would write it within seconds
+    anyway; started here, the shards' dirty pages do not pile up on top of the scratch
+    files' until the kernel's background writeback starts, which writes the oldest files
+    first: scratch files about to be deleted (disk time wasted, and deleting a file being
+    written waits for the disk: seconds at the end of a 20M-row run)."""
+    if not _SYNC_FILE_RANGE:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            sync_file_range = libc.sync_file_range
+            sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        except (OSError, AttributeError):
+            sync_file_range = None
+        _SYNC_FILE_RANGE.append(sync_file_range)
+    if _SYNC_FILE_RANGE[0] is not None:
+        SYNC_FILE_RANGE_WRITE = 2
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            _SYNC_FILE_RANGE[0](fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # a failure leaves it to the system
+        finally:
+            os.close(fd)
+
+
 def _has_truth(sources) -> bool:
     """Whether the inputs hold every truth column (all files hold the same ones)."""
     return all(c in sources[0].optional for c in schema.TRUTH)
@@ -454,14 +518,10 @@ def _spill_chunk(job: _Chunk):
     offsets = job.group_offsets
     nb = np.diff(offsets).astype(np.uint64)
     group = offsets[which] + (rowsplit.stream(h, rowsplit.BUCKET) % nb[which]).astype(np.int64)
-    # Rows grouped by (split, bucket), in input order within a group: a stable sort of
-    # small integers (a radix sort in numpy). Each column is then scattered to its place
-    # (read in order, written in one sequential stream per group): 3x faster than
-    # gathering it through the sort's permutation.
-    order = np.argsort(group.astype(np.int16 if offsets[-1] < (1 << 15) else np.int64), kind="stable")
-    dest = np.empty(len(order), np.intp)
-    dest[order] = np.arange(len(order))
-    del order
+    # Rows grouped by (split, bucket), in input order within a group; each column then
+    # gathered through that permutation (np.take, mode="clip": faster than scattering
+    # through its inverse, which also costs the inversion).
+    order = rowsplit.group_order(group, int(offsets[-1]))
 
     # Labels and species flags are not spilled: pass 2 derives them from type and pid.
     values = {RAW[j]: d["features"][j] for j in SPILLED_FEATURES}
@@ -469,11 +529,11 @@ def _spill_chunk(job: _Chunk):
     values[ROW_ID] = row_ids
     values[ORDER] = rowsplit.stream(h, rowsplit.ORDER)
     layout = _scratch_columns(job.truth)
-    with job.buffers.get(sum(_aligned(len(dest) * dt.itemsize) for _, dt in layout)) as buf:
+    with job.buffers.get(sum(_aligned(len(order) * dt.itemsize) for _, dt in layout)) as buf:
         cols, at = [], 0
         for name, dt in layout:
-            out = buf[at:at + len(dest) * dt.itemsize].view(dt)
-            out[dest] = values[name]
+            out = buf[at:at + len(order) * dt.itemsize].view(dt)
+            np.take(values[name].astype(dt, copy=False), order, out=out, mode="clip")
             cols.append(out)
             at += _aligned(out.nbytes)
         sizes = np.bincount(group, minlength=int(offsets[-1]))
@@ -486,12 +546,13 @@ def _aligned(nbytes: int) -> int:
 
 
 def _scratch_columns(truth: bool) -> list:
-    """[(name, dtype)] of the columns spilled per row, in their order in a scratch piece."""
-    return ([(RAW[j], np.dtype(np.float32)) for j in SPILLED_FEATURES]
+    """[(name, dtype)] of the columns spilled per row, in their order in a scratch piece
+    (8-byte columns first: a piece starting on 64 bytes has every column aligned)."""
+    return ([(ROW_ID, np.dtype(np.int64)), (ORDER, np.dtype(np.uint64))]
+            + [(RAW[j], np.dtype(np.float32)) for j in SPILLED_FEATURES]
             + [(schema.PID, np.dtype(np.int32)), ("acceptance", np.dtype(np.int32)),
                ("type", np.dtype(np.int32))]
-            + [(c, np.dtype(np.float32)) for c in (schema.TRUTH if truth else [])]
-            + [(ROW_ID, np.dtype(np.int64)), (ORDER, np.dtype(np.uint64))])
+            + [(c, np.dtype(np.float32)) for c in (schema.TRUTH if truth else [])])
 
 
 def _write_pieces(job, cols, sizes, offsets) -> dict:
@@ -509,6 +570,8 @@ def _write_pieces(job, cols, sizes, offsets) -> dict:
         with open(_scratch_path(job.scratch, job.index, s), "wb", buffering=0) as f:
             for g in present:
                 lo, hi = int(ends[g] - sizes[g]), int(ends[g])
+                at = _aligned(at)  # pieces start on 64 bytes (see _read_pieces)
+                f.seek(at)
                 groups[g] = (hi - lo, at)
                 for col in cols:
                     at += _write_all(f, memoryview(col[lo:hi]).cast("B"))
@@ -564,14 +627,24 @@ def _read_pieces(pieces, truth: bool) -> dict:
     """{name: column} of a shard's rows from its scratch pieces ((file, rows, offset), in
     input order), each column read straight into place."""
     layout = _scratch_columns(truth)
+    width = sum(dt.itemsize for _, dt in layout)
     n = sum(rows for _, rows, _ in pieces)
     cols = {name: np.empty(n, dt) for name, dt in layout}
+    # Each piece read whole into a staging buffer starting on 64 bytes, like the piece in
+    # its file, then copied into place: the kernel copies page cache to a destination
+    # misaligned with it (by 4 to 28 bytes modulo 64 here) 5x slower than to an aligned one.
+    raw = np.empty(max((rows for _, rows, _ in pieces), default=0) * width + 64, np.uint8)
+    stage = raw[-raw.ctypes.data % 64:]
     lo = 0
     for path, rows, offset in pieces:
+        piece = stage[:rows * width]
         with open(path, "rb", buffering=0) as f:  # plain reads, not mapped: bounded RSS
             f.seek(offset)
-            for name, _ in layout:
-                _read_exactly(f, memoryview(cols[name][lo:lo + rows]).cast("B"))
+            _read_exactly(f, memoryview(piece))
+        at = 0
+        for name, dt in layout:
+            cols[name][lo:lo + rows] = piece[at:at + rows * dt.itemsize].view(dt)
+            at += rows * dt.itemsize
         lo += rows
     return cols
 
@@ -597,18 +670,20 @@ def _shard_table(scratch: dict, ct, truth: bool, threads=None) -> pa.Table:
 
 def _write_shard_task(key, pieces, ct, truth, path, threads):
     """Pass 2 on one shard: its scratch pieces ((file, rows, offset), in input order)
-    read, ordered, transformed and written to `path`. Returns (the shard's rows, key)."""
+    read, ordered, transformed and written to `path`. Returns (the shard's rows, key,
+    path)."""
     scratch = _read_pieces(pieces, truth)
     n = len(scratch[ROW_ID])
     _write_shard(_shard_table(scratch, ct, truth, threads), path)
-    return n, key
+    return n, key, path
 
 
 class _ScratchFiles:
     """Pass 2's scratch files, each deleted (on a background thread: deleting a file whose
     pages are being written back waits for the disk) once every shard reading it is
-    written, so the scratch disk is freed as the shards appear. `read(key)` is called in
-    the calling process as each shard task ends (tasks may run in other processes)."""
+    written, so the scratch disk is freed as the shards appear; and the shards' writeback
+    started (_start_writeback) on the same thread. `read(key, shard)` is called in the
+    calling process as each shard task ends (tasks may run in other processes)."""
 
     def __init__(self):
         self._readers, self._files = {}, {}  # file -> shards still to read it; key -> files
@@ -619,7 +694,9 @@ class _ScratchFiles:
         for f in self._files[key]:
             self._readers[f] = self._readers.get(f, 0) + 1
 
-    def read(self, key):
+    def read(self, key, shard=None):
+        if shard is not None:
+            self._pool.submit(_start_writeback, shard)
         for f in self._files.pop(key):
             self._readers[f] -= 1
             if not self._readers[f]:
@@ -686,7 +763,7 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
                         bar.update(value[0].entries)
                     elif name == _write_shard_task.__name__:
                         bar.update(value[0])
-                        files.read(value[1])
+                        files.read(value[1], value[2])
 
                 runner = Runner(workers, scheduler, on_result=advance)
                 with _frozen_gc(runner):
@@ -698,15 +775,27 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
                     if empty:
                         raise DataError(f"too few rows ({counts.kept}) to split: split(s) {empty} would be "
                                         f"empty; {counts.summary()}")
-                    blob, tables = fitter.fit(rowsplit.sample_rows(fit_sample), seed, tmp)
+                    fit = _Fit(fitter, fit_sample, seed, tmp)
                     report = {"inputs": [str(s.path) for s in sources], "tree": tree, "seed": seed,
                               "split_key": key, "rows": rows, "fit_rows": int(len(fit_sample.priority)),
                               **counts.as_dict()}
                     try:
-                        _write_outputs(runner, tmp, groups, blob, tables, n_buckets, has_truth, out_dirs,
-                                       output_dir / REPORT, report, preprocessing_path, force, files)
+                        done = _write_outputs(runner, tmp, groups, fit, fit.tables, n_buckets, has_truth,
+                                              out_dirs, output_dir / REPORT, report, preprocessing_path,
+                                              force, files)
                     finally:
                         files.close()
+                    if not done:  # the child's tables differ from fit_quantiles': its, again
+                        bar.total += 2 * total
+                        files = _ScratchFiles()
+                        groups = _spill_pass(runner, sources, tmp, key, seed, n_buckets, max_fit_rows,
+                                             step_size)[3]
+                        try:
+                            _write_outputs(runner, tmp, groups, fit, fit.result()[1], n_buckets, has_truth,
+                                           out_dirs, output_dir / REPORT, report, preprocessing_path,
+                                           force, files)
+                        finally:
+                            files.close()
         except BaseException:
             if created and output_dir.is_dir() and not any(output_dir.iterdir()):
                 output_dir.rmdir()  # made for the scratch files only: leave nothing behind
@@ -795,12 +884,12 @@ def _chunk_graph(runner, jobs, max_fit_rows):
     return spilled, runner.task(rowsplit.bottom_k, max_fit_rows, *[s for _, s in stack])
 
 
-def _write_outputs(runner, scratch, groups, blob, ct, n_buckets, has_truth, out_dirs, report_path,
-                   report, preprocessing_path, force, files):
+def _write_outputs(runner, scratch, groups, fit, ct, n_buckets, has_truth, out_dirs, report_path,
+                   report, preprocessing_path, force, files) -> bool:
     """Pass 2: one shard per (split, bucket) that received rows, transformed with `ct` (the
-    fitted preprocessing or its Quantiles), then definitions, report and pickle (`blob`),
-    staged and renamed together."""
-    sha = hashlib.sha256(blob).hexdigest()
+    fitted preprocessing or its Quantiles), then definitions, report and pickle (the
+    `fit`'s), staged and renamed together. False (nothing renamed) if the fit's tables
+    are not `ct`'s."""
     offsets = _groups(n_buckets)
     # Parallel tasks transform one column at a time; alone, a task uses every core.
     threads = 1 if runner.parallel else _threads()
@@ -815,16 +904,71 @@ def _write_outputs(runner, scratch, groups, blob, ct, n_buckets, has_truth, out_
                 pieces = [(_scratch_path(scratch, i, s), n, at) for i, n, at in groups[g]]
                 files.add(g, [f for f, _, _ in pieces])  # every reader counted before any task ends
                 shards.append((g, pieces, split_dirs[name] / f"part-{k:05d}.feather"))
-        runner.compute([runner.task(_write_shard_task, g, pieces, ct, has_truth, path, threads)
-                        for g, pieces, path in shards])
-        for name in out_dirs:
-            write_definitions(split_dirs[name], schema.FEATURES, schema.LABELS,
-                              extra_columns(has_truth), preprocessing_sha256=sha)
-        with staged.file(report_path, "w") as f:
-            f.write(json.dumps(report, indent=2) + "\n")
-        # Staged last, so renamed last: a replaced pickle means every split is new too.
-        with staged.file(preprocessing_path) as f:
-            f.write(blob)
+
+        def finish() -> bool:
+            """Definitions, report and pickle staged as soon as the child's fit is in,
+            beside the shards (flushing them to disk waits for the disk, which by the end
+            of pass 2 holds seconds of shard writes); False if its tables are not ct's."""
+            blob, tables = fit.result()
+            if not _same_tables(tables, ct):
+                return False
+            sha = hashlib.sha256(blob).hexdigest()
+            for name in out_dirs:
+                write_definitions(split_dirs[name], schema.FEATURES, schema.LABELS,
+                                  extra_columns(has_truth), preprocessing_sha256=sha)
+            with staged.file(report_path, "w") as f:
+                f.write(json.dumps(report, indent=2) + "\n")
+            # Staged last, so renamed last: a replaced pickle means every split is new too.
+            with staged.file(preprocessing_path) as f:
+                f.write(blob)
+            return True
+
+        with ThreadPoolExecutor(1) as pool:
+            finishing = pool.submit(finish)
+            runner.compute([runner.task(_write_shard_task, g, pieces, ct, has_truth, path, threads)
+                            for g, pieces, path in shards])
+            done = finishing.result()
+        if not done:
+            staged._discard()
+            return False
+    return True
+
+
+def _same_tables(a, b) -> bool:
+    """Whether two Quantiles hold the same numbers, bit for bit."""
+    return all(x.shape == y.shape and x.dtype == y.dtype and x.tobytes() == y.tobytes()
+               for x, y in ((a.quantiles_, b.quantiles_), (a.references_, b.references_)))
+
+
+class _Fit:
+    """The preprocessing's fit on pass 1's sample, off pass 2's path: its quantile tables
+    computed here at once (fit_quantiles: pass 2 transforms with them), the pickled
+    ColumnTransformer made by the child process (effgen.data.fit_process) meanwhile, on a
+    thread that hands it the sample and waits. result() returns the child's (pickle,
+    tables); preprocess checks they are these tables."""
+
+    def __init__(self, fitter, sample, seed, scratch):
+        order = rowsplit.sample_order(sample)
+        n = len(order)
+        # Only the rows the fit reads, gathered here; the whole sample on the thread.
+        self.tables = _quantiles(np.take(sample.rows, order[_fit_rows(n, seed)], axis=0)[:, :N_CONTINUOUS], n)
+        self._result = self._error = None
+
+        def run():
+            try:
+                fitter.submit(np.take(sample.rows, order, axis=0), seed, scratch)
+                self._result = fitter.result()
+            except BaseException as err:  # raised by result()
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="effgen-fit", daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def register(subparsers):

@@ -16,6 +16,7 @@ size, on how the rows are divided into files, or on their order: a tuple sorted 
 momentum gives the same shards as a shuffled one.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -78,10 +79,35 @@ def unit(h: np.ndarray) -> np.ndarray:
 
 
 def assign_split(h: np.ndarray, fractions) -> np.ndarray:
-    """Index into `fractions` (a list summing to 1 or not) per row."""
+    """Index into `fractions` (a list summing to 1 or not) per row: the number of
+    cumulative fractions at or below unit(h) (at most len(fractions) - 1), as uint8 for
+    up to 255 fractions.
+
+    Counted on the integers: unit(h) = m / 2**53 (m = h >> 11) is at or above a bound b
+    exactly when m >= ceil(b * 2**53) (b * 2**53 is exact), 10x faster than searching
+    the bounds with the floats."""
     bounds = np.cumsum(fractions, dtype=np.float64)
     bounds /= bounds[-1]
-    return np.minimum(np.searchsorted(bounds, unit(h), side="right"), len(bounds) - 1)
+    m = h >> np.uint64(11)
+    which = np.zeros(len(h), np.uint8 if len(bounds) <= 256 else np.int64)
+    for b in bounds[:-1]:
+        which += m >= np.uint64(math.ceil(float(b) * 2.0**53))
+    return which
+
+
+def group_order(group: np.ndarray, n_groups: int) -> np.ndarray:
+    """np.argsort(group, kind="stable") for group numbers in [0, n_groups): each row's
+    index packed under its group in one unsigned integer, the keys sorted (all distinct,
+    so any sort gives the stable order: numpy's vectorised sort of 32-bit keys is 2x
+    faster than its radix argsort of 16-bit ones)."""
+    n = len(group)
+    bits = max(1, (n - 1).bit_length())
+    width = np.uint32 if max(1, n_groups - 1).bit_length() + bits <= 32 else np.uint64
+    key = np.left_shift(group.astype(width), width(bits))
+    key |= np.arange(n, dtype=width)
+    key.sort()
+    key &= width((1 << bits) - 1)
+    return key.astype(np.intp)
 
 
 def assign_bucket(h: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -146,10 +172,15 @@ def bottom_k(k: int, *samples: FitSample) -> FitSample:
     return FitSample(pri[keep], ids[keep], np.take(rows, keep, axis=0))  # take: 3x rows[keep]
 
 
-def sample_rows(sample: FitSample) -> np.ndarray:
-    """The sample's rows in (priority, row_id) order (independent of how it was built)."""
+def sample_order(sample: FitSample) -> np.ndarray:
+    """The permutation putting the sample's rows in (priority, row_id) order."""
     order = np.argsort(sample.priority)
     ranked = sample.priority[order]
     if len(ranked) > 1 and bool((ranked[1:] == ranked[:-1]).any()):
         order = np.lexsort((sample.row_id, sample.priority))
-    return np.take(sample.rows, order, axis=0)
+    return order
+
+
+def sample_rows(sample: FitSample) -> np.ndarray:
+    """The sample's rows in (priority, row_id) order (independent of how it was built)."""
+    return np.take(sample.rows, sample_order(sample), axis=0)
