@@ -22,8 +22,10 @@ EXPECTED_ROWS = {
     "reader": ["effgen as_tf_dataset().batch", "tf blocks .unbatch().batch",
                "original from_generator per row"],
     "preprocess": ["effgen preprocess (streaming), 20,000 rows",
+                   "effgen preprocess, ZLIB-1 tuple, 20,000 rows",
                    "notebook design (all in memory), 20,000 rows",
                    "effgen preprocess (streaming), 20,000 rows: peak RSS",
+                   "effgen preprocess, ZLIB-1 tuple, 20,000 rows: peak RSS",
                    "notebook design (all in memory), 20,000 rows: peak RSS"],
     "chain": [f"{b}: {m} per call" for b in ("effgen", "scikinc")
               for m in ("acceptance", "efficiency", "resolution", "covariance")]

@@ -147,13 +147,17 @@ def notebook_preprocess(inputs, output_dir, seed, shard_rows=500_000, fit_rows=1
     return len(frame)
 
 
-def ensure_tuple(root: Path, rows: int, seed: int = 1) -> Path:
-    """A synthetic ROOT tuple of `rows` particles under root (made once)."""
+def ensure_tuple(root: Path, rows: int, seed: int = 1, zlib: bool = False) -> Path:
+    """A synthetic ROOT tuple of `rows` particles under root (made once): uncompressed, or
+    with `zlib` compressed as uproot writes by default (ZLIB level 1), like real tuples."""
     from effgen.data import synth
 
-    path = Path(root) / f"tuple-{rows}.root"
+    path = Path(root) / f"tuple-{rows}{'-zlib1' if zlib else ''}.root"
     if not path.exists():
-        synth.write_sample(path, rows, seed, progress=False)
+        import uproot
+
+        synth.write_sample(path, rows, seed, progress=False,
+                           root_compression=uproot.ZLIB(1) if zlib else None)
     return path
 
 
@@ -176,11 +180,13 @@ def _measure(cmd):
     return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
-PREPROCESS_CASES = ("effgen preprocess (streaming)", "notebook design (all in memory)")
+PREPROCESS_CASES = ("effgen preprocess (streaming)", "notebook design (all in memory)",
+                    "effgen preprocess, ZLIB-1 tuple")
 
 
-def bench_preprocess(root, rows, repeats=1, seed=1, baseline=True) -> list:
-    """One dict per case: case, rows, runs (seconds), rss_mb (peak, per run)."""
+def bench_preprocess(root, rows, repeats=1, seed=1, baseline=True, zlib=True) -> list:
+    """One dict per case: case, rows, runs (seconds), rss_mb (peak, per run). With `zlib`,
+    also effgen on the same rows in a ZLIB-compressed tuple (decompression included)."""
     import os
     import shutil
     import sys
@@ -188,15 +194,20 @@ def bench_preprocess(root, rows, repeats=1, seed=1, baseline=True) -> list:
     root = Path(root)
     sample = ensure_tuple(root, rows, seed)
     out = root / f"out-{rows}"
-    cmds = {PREPROCESS_CASES[0]: [sys.executable, "-m", "effgen", "preprocess", "--input", str(sample),
-                                  "--output-dir", str(out / "data"), "--preprocessing", str(out / "tX.pkl"),
-                                  "--seed", str(seed), "--force"],
-            PREPROCESS_CASES[1]: [sys.executable, "-m", "effgen.bench.data", "--notebook-baseline",
-                                  str(sample), str(out / "notebook"), "--seed", str(seed)]}
+
+    def effgen_cmd(tuple_path):
+        return [sys.executable, "-m", "effgen", "preprocess", "--input", str(tuple_path),
+                "--output-dir", str(out / "data"), "--preprocessing", str(out / "tX.pkl"),
+                "--seed", str(seed), "--force"]
+
+    cmds = {PREPROCESS_CASES[0]: effgen_cmd(sample)}
+    if zlib:
+        cmds[PREPROCESS_CASES[2]] = effgen_cmd(ensure_tuple(root, rows, seed, zlib=True))
+    if baseline:  # last: the bench's ratios are against it
+        cmds[PREPROCESS_CASES[1]] = [sys.executable, "-m", "effgen.bench.data", "--notebook-baseline",
+                                     str(sample), str(out / "notebook"), "--seed", str(seed)]
     results = []
     for case, cmd in cmds.items():
-        if case == PREPROCESS_CASES[1] and not baseline:
-            continue
         runs, rss, cpu = [], [], []
         for _ in range(repeats):
             shutil.rmtree(out, ignore_errors=True)
@@ -250,6 +261,8 @@ def main(argv=None):
                    help="largest size the in-memory notebook baseline is run at")
     p.add_argument("--notebook-baseline", nargs=2, metavar=("INPUT", "OUTPUT_DIR"),
                    help=argparse.SUPPRESS)  # the baseline's child process
+    p.add_argument("--no-zlib", action="store_true",
+                   help="skip the ZLIB-compressed tuple's case (its tuple is written once, slowly)")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     if args.notebook_baseline:
@@ -262,7 +275,7 @@ def main(argv=None):
         results = []
         for rows in args.preprocess_rows:
             results += bench_preprocess(root, rows, args.repeats, args.seed,
-                                        baseline=rows <= args.baseline_max_rows)
+                                        baseline=rows <= args.baseline_max_rows, zlib=not args.no_zlib)
             print(format_preprocess_table(results), flush=True)
         with atomic_file(root / "preprocess.json", "w") as f:
             json.dump(results, f, indent=2)

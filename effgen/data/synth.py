@@ -299,12 +299,13 @@ def tuple_schema() -> pa.Schema:
     return pa.schema([pa.field(name, pa.from_numpy_dtype(dtype)) for name, dtype in TUPLE_BRANCHES.items()])
 
 
-def _root_writer(path):
-    """(write(chunk), close()) appending chunks to TREE in a new uncompressed ROOT file
-    (uncompressed: written and read at memory speed; uproot reads compressed tuples too)."""
+def _root_writer(path, compression=None):
+    """(write(chunk), close()) appending chunks to TREE in a new ROOT file, uncompressed by
+    default (written and read at memory speed; uproot reads compressed tuples too), or
+    with an uproot compression such as uproot.ZLIB(1), uproot's own default."""
     import uproot
 
-    f = uproot.recreate(path, compression=None)
+    f = uproot.recreate(path, compression=compression)
     f.mktree(TREE, dict(TUPLE_BRANCHES))
     tree = f[TREE]
     return tree.extend, f.close
@@ -329,10 +330,12 @@ def _arrow_writer(path, parquet):
 FORMATS = {".root": "root", ".feather": "feather", ".arrow": "feather", ".parquet": "parquet"}
 
 
-def write_sample(path, n: int, seed: int, chunk_size: int = 1 << 18, progress: bool = True):
+def write_sample(path, n: int, seed: int, chunk_size: int = 1 << 18, progress: bool = True,
+                 root_compression=None):
     """Write n particles in the tuple's schema to ONE file at `path`, atomically: a ROOT
-    file with tree TrackingTupler/sim (`.root`), or an uncompressed feather (`.feather`,
-    `.arrow`) or parquet (`.parquet`) file with the same columns."""
+    file with tree TrackingTupler/sim (`.root`; uncompressed unless `root_compression`, an
+    uproot compression, is given), or an uncompressed feather (`.feather`, `.arrow`) or
+    parquet (`.parquet`) file with the same columns."""
     from tqdm import tqdm
 
     path = Path(path)
@@ -341,7 +344,7 @@ def write_sample(path, n: int, seed: int, chunk_size: int = 1 << 18, progress: b
         raise ConfigError(f"{path}: unknown sample format (use one of {sorted(FORMATS)})")
     with atomic_path(path) as tmp, tqdm(total=n, unit="row", unit_scale=True,
                                         desc=f"synth {path.name}", disable=not progress) as bar:
-        write, close = _root_writer(tmp) if kind == "root" else _arrow_writer(tmp, kind == "parquet")
+        write, close = _root_writer(tmp, root_compression) if kind == "root" else _arrow_writer(tmp, kind == "parquet")
         try:
             for chunk in generate_tuple(n, seed, chunk_size):
                 write(chunk)
