@@ -418,28 +418,36 @@ def test_sorted_tuple_without_truth_goes_through_preprocess_train_and_validate(t
     assert {"eta_by_momentum.png", "z_by_momentum.png", "calibration.png"} <= set(metrics["plots"])
 
 
+def _ordered(monkeypatch, first, then, timeout):
+    """Patch `first` (an (object, name) pair) to signal once it has run, and `then` to wait
+    for that signal before running; returns the wait results, one per call of `then`."""
+    import threading
+
+    done, waited = threading.Event(), []
+    (a, a_name), (b, b_name) = first, then
+    real_a, real_b = getattr(a, a_name), getattr(b, b_name)
+
+    def signal(*args, **kwargs):
+        out = real_a(*args, **kwargs)
+        done.set()
+        return out
+
+    def wait(*args, **kwargs):
+        waited.append(done.wait(timeout=timeout))
+        return real_b(*args, **kwargs)
+
+    monkeypatch.setattr(a, a_name, signal)
+    monkeypatch.setattr(b, b_name, wait)
+    return waited
+
+
 def test_pass_two_does_not_wait_for_the_fit_child(arrays, tmp_path, monkeypatch):
     """Pass 2 transforms with fit_quantiles' tables at once: the child's pickle is awaited
     only once the shards are written (the child here answers only after the first shard)."""
-    import threading
-
     from effgen.data.fit_process import FitProcess
 
     path = write_root(tmp_path / "t.root", take(arrays, slice(0, 4000)))
-    shard_written = threading.Event()
-    real_write, real_result = preprocess._write_shard, FitProcess.result
-    waited = []
-
-    def write(table, path):
-        real_write(table, path)
-        shard_written.set()
-
-    def result(self):
-        waited.append(shard_written.wait(timeout=20))
-        return real_result(self)
-
-    monkeypatch.setattr(preprocess, "_write_shard", write)
-    monkeypatch.setattr(FitProcess, "result", result)
+    waited = _ordered(monkeypatch, (preprocess, "_write_shard"), (FitProcess, "result"), timeout=20)
     run(path, tmp_path / "a", workers=1)
     assert waited == [True]
     monkeypatch.undo()
@@ -470,27 +478,12 @@ def test_tables_unlike_the_childs_fit_are_not_used(arrays, tmp_path, monkeypatch
 def test_definitions_and_pickle_are_staged_beside_pass_two(arrays, tmp_path, monkeypatch):
     """The small outputs (definitions, preprocess.json, tX.pkl) are written and flushed as
     soon as the child's fit is in, while shards are still being written (flushing at the
-    end would wait for the disk behind the shards): here the first shard waits for them."""
-    import threading
-
+    end would wait for the disk behind the shards): here each shard waits for them."""
     path = write_root(tmp_path / "t.root", take(arrays, slice(0, 4000)))
-    defined = threading.Event()
-    real_defs, real_write = preprocess.write_definitions, preprocess._write_shard
-    waited = []
-
-    def defs(*args, **kwargs):
-        real_defs(*args, **kwargs)
-        defined.set()
-
-    def write(table, path):
-        if not waited:
-            waited.append(defined.wait(timeout=30))
-        real_write(table, path)
-
-    monkeypatch.setattr(preprocess, "write_definitions", defs)
-    monkeypatch.setattr(preprocess, "_write_shard", write)
+    waited = _ordered(monkeypatch, (preprocess, "write_definitions"), (preprocess, "_write_shard"),
+                      timeout=30)
     run(path, tmp_path / "a", workers=1)
-    assert waited == [True]
+    assert waited and all(waited)
     monkeypatch.undo()
     run(path, tmp_path / "b", workers=1)
     assert _output_bytes(tmp_path / "a") == _output_bytes(tmp_path / "b")
