@@ -111,6 +111,13 @@ def _column_transformer(seed):
     ])
 
 
+def _raw_features(X_raw) -> np.ndarray:
+    X_raw = np.asarray(X_raw)
+    if X_raw.ndim != 2 or X_raw.shape[1] != N_FEATURES:
+        raise ValueError(f"expected an (n, {N_FEATURES}) array of raw features, got {X_raw.shape}")
+    return X_raw
+
+
 def fit_preprocessing(X_raw: np.ndarray, seed: int):
     """Fit the ColumnTransformer on an (n, 12) numpy array of raw features.
 
@@ -123,9 +130,7 @@ def fit_preprocessing(X_raw: np.ndarray, seed: int):
 
     from sklearn.base import clone
 
-    X_raw = np.asarray(X_raw)
-    if X_raw.ndim != 2 or X_raw.shape[1] != N_FEATURES:
-        raise ValueError(f"expected an (n, {N_FEATURES}) array of raw features, got {X_raw.shape}")
+    X_raw = _raw_features(X_raw)
     X = X_raw.astype(np.float64)
     ct = _column_transformer(seed)
     with warnings.catch_warnings():
@@ -145,9 +150,7 @@ def fit_quantiles(X_raw: np.ndarray, seed: int) -> "Quantiles":
     alone (no scikit-learn): the same steps as QuantileTransformer.fit (dense input) on
     the same float64 columns, so the same numbers, bit for bit (preprocess checks them
     against the child's fit, and falls back on it if they ever differ)."""
-    X_raw = np.asarray(X_raw)
-    if X_raw.ndim != 2 or X_raw.shape[1] != N_FEATURES:
-        raise ValueError(f"expected an (n, {N_FEATURES}) array of raw features, got {X_raw.shape}")
+    X_raw = _raw_features(X_raw)
     return _quantiles(X_raw[_fit_rows(len(X_raw), seed), :N_CONTINUOUS], len(X_raw))
 
 
