@@ -607,11 +607,13 @@ def test_fit_quantiles_are_scikit_learns(n):
     from support import raw_features
 
     X = raw_features(n, 3)
-    for seed in (0, 11):
-        ours = preprocess.fit_quantiles(X, seed)
+    order = np.random.default_rng(5).permutation(n)  # preprocess hands its sample's order
+    for seed, rows in ((0, None), (11, None), (11, order)):
+        ours = preprocess.fit_quantiles(X, seed, rows)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # n_quantiles > n
-            quantile = preprocess.fit_preprocessing(X, seed).named_transformers_["quantile"]
+            quantile = preprocess.fit_preprocessing(X if rows is None else X[rows], seed
+                                                    ).named_transformers_["quantile"]
         assert ours.quantiles_.tobytes() == quantile.quantiles_.tobytes()
         assert ours.quantiles_.shape == quantile.quantiles_.shape
         assert ours.references_.tobytes() == quantile.references_.tobytes()

@@ -145,13 +145,19 @@ def fit_preprocessing(X_raw: np.ndarray, seed: int):
 N_QUANTILES, FIT_SUBSAMPLE = 1000, 10_000
 
 
-def fit_quantiles(X_raw: np.ndarray, seed: int) -> "Quantiles":
-    """The quantile tables of fit_preprocessing(X_raw, seed), computed here with numpy
-    alone (no scikit-learn): the same steps as QuantileTransformer.fit (dense input) on
-    the same float64 columns, so the same numbers, bit for bit (preprocess checks them
-    against the child's fit, and falls back on it if they ever differ)."""
+def fit_quantiles(X_raw: np.ndarray, seed: int, order=None) -> "Quantiles":
+    """The quantile tables of fit_preprocessing(X_raw[order], seed) (order: a row index
+    array; default all rows as they are), computed here with numpy alone (no
+    scikit-learn): the same steps as QuantileTransformer.fit (dense input) on the same
+    float64 columns, so the same numbers, bit for bit (preprocess checks them against the
+    child's fit, and falls back on it if they ever differ). Only the rows the fit reads
+    are gathered."""
     X_raw = _raw_features(X_raw)
-    return _quantiles(X_raw[_fit_rows(len(X_raw), seed), :N_CONTINUOUS], len(X_raw))
+    n = len(X_raw) if order is None else len(order)
+    rows = _fit_rows(n, seed)
+    if order is not None:
+        rows = order[rows]
+    return _quantiles(X_raw[rows, :N_CONTINUOUS], n)
 
 
 def _fit_rows(n: int, seed: int):
@@ -952,9 +958,8 @@ class _Fit:
 
     def __init__(self, fitter, sample, seed, scratch):
         order = rowsplit.sample_order(sample)
-        n = len(order)
         # Only the rows the fit reads, gathered here; the whole sample on the thread.
-        self.tables = _quantiles(np.take(sample.rows, order[_fit_rows(n, seed)], axis=0)[:, :N_CONTINUOUS], n)
+        self.tables = fit_quantiles(sample.rows, seed, order)
         self._result = self._error = None
 
         def run():
