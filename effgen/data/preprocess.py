@@ -788,23 +788,24 @@ def preprocess(inputs, output_dir, preprocessing_path, seed, force=False, shard_
                     report = {"inputs": [str(s.path) for s in sources], "tree": tree, "seed": seed,
                               "split_key": key, "rows": rows, "fit_rows": int(len(fit_sample.priority)),
                               **counts.as_dict()}
-                    try:
-                        done = _write_outputs(runner, tmp, groups, fit, fit.tables, n_buckets, has_truth,
-                                              out_dirs, output_dir / REPORT, report, preprocessing_path,
-                                              force, files)
-                    finally:
-                        files.close()
-                    if not done:  # the child's tables differ from fit_quantiles': its, again
+                    tables = fit.tables
+                    while True:
+                        try:
+                            done = _write_outputs(runner, tmp, groups, fit, tables, n_buckets, has_truth,
+                                                  out_dirs, output_dir / REPORT, report, preprocessing_path,
+                                                  force, files)
+                        finally:
+                            files.close()
+                        if done:
+                            break
+                        # The child's tables differ from fit_quantiles' (ever, with another
+                        # scikit-learn): pass 1 again (pass 2 deleted its scratch), pass 2 with
+                        # the child's tables, which then match.
+                        tables = fit.result()[1]
                         bar.total += 2 * total
                         files = _ScratchFiles()
                         groups = _spill_pass(runner, sources, tmp, key, seed, n_buckets, max_fit_rows,
                                              step_size)[3]
-                        try:
-                            _write_outputs(runner, tmp, groups, fit, fit.result()[1], n_buckets, has_truth,
-                                           out_dirs, output_dir / REPORT, report, preprocessing_path,
-                                           force, files)
-                        finally:
-                            files.close()
         except BaseException:
             if created and output_dir.is_dir() and not any(output_dir.iterdir()):
                 output_dir.rmdir()  # made for the scratch files only: leave nothing behind
