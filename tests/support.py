@@ -233,3 +233,18 @@ def repeated_batches(x, y, batch, seed=0):
     import tensorflow as tf
     return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
             .batch(batch, drop_remainder=True).repeat())
+
+
+def crashing_batches(x, y, batch, after_batches):
+    """Like repeated_batches (unshuffled), but the source fails after `after_batches`
+    batches, as the seed's did when a shard vanished mid-phase."""
+    import tensorflow as tf
+
+    def gen():
+        for i in range(10**9):
+            if i >= after_batches:
+                raise FileNotFoundError("shard vanished")
+            j = (i * batch) % (len(x) - batch)
+            yield x[j:j + batch], y[j:j + batch]
+    spec = (tf.TensorSpec((batch, x.shape[1]), tf.float32), tf.TensorSpec((batch, y.shape[1]), tf.float32))
+    return tf.data.Dataset.from_generator(gen, output_signature=spec)

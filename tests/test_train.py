@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import learnable_sample, repeated_batches
+from support import crashing_batches, learnable_sample, repeated_batches
 
 from effgen.training.network import build_model
 from effgen.training.train import PHASES, RunDir, TimeLimitCallback, checkpoint_dir, run_phases, train
@@ -122,25 +122,12 @@ def test_time_limit_stops_each_phase(tmp_path, capsys):
     assert capsys.readouterr().out.count("Training stopped after") == 2
 
 
-def _crashing(x, y, after_batches):
-    """Like _batches, but the source fails mid-phase, as the seed's did when a
-    shard vanished."""
-    def gen():
-        for i in range(10**9):
-            if i >= after_batches:
-                raise FileNotFoundError("shard vanished")
-            j = (i * BATCH) % (len(x) - BATCH)
-            yield x[j:j + BATCH], y[j:j + BATCH]
-    spec = (tf.TensorSpec((BATCH, 12), tf.float32), tf.TensorSpec((BATCH, 4), tf.float32))
-    return tf.data.Dataset.from_generator(gen, output_signature=spec)
-
-
 def test_resume_after_a_crash_skips_the_finished_phase_and_continues(tmp_path, capsys):
     x, y = learnable_sample()
     val = tf.data.Dataset.from_tensors((x[:1000], y[:1000]))
 
     def crash_in_phase_2(phase_index, epochs_done):
-        return repeated_batches(x, y, BATCH) if phase_index == 0 else _crashing(x, y, 2 * STEPS + 2)
+        return repeated_batches(x, y, BATCH) if phase_index == 0 else crashing_batches(x, y, BATCH, 2 * STEPS + 2)
 
     run = _run_dir(tmp_path)
     with pytest.raises(Exception, match="shard vanished"):

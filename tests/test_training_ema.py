@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import learnable_sample, repeated_batches
+from support import crashing_batches, learnable_sample, repeated_batches
 
 from effgen.training import train as train_module
 from effgen.training.network import build_model
@@ -20,17 +20,6 @@ from effgen.training.recipes import DEFAULT, Phase
 from effgen.training.train import RunDir, run_phases, swap_ema
 
 BATCH, STEPS = 256, 5
-
-
-def _crashing(x, y, after_batches):
-    def gen():
-        for i in range(10**9):
-            if i >= after_batches:
-                raise FileNotFoundError("shard vanished")
-            j = (i * BATCH) % (len(x) - BATCH)
-            yield x[j:j + BATCH], y[j:j + BATCH]
-    spec = (tf.TensorSpec((BATCH, 12), tf.float32), tf.TensorSpec((BATCH, 4), tf.float32))
-    return tf.data.Dataset.from_generator(gen, output_signature=spec)
 
 
 def _ema_recipe(momentum=0.8, **changes):
@@ -123,7 +112,7 @@ def test_resume_with_ema_continues_from_the_trained_weights_and_their_average(tm
         return build_model(width=8, n_blocks=1, l2=0.0, seed=0)
 
     with pytest.raises(Exception, match="shard vanished"):
-        run_phases(build, lambda i, e: _crashing(x, y, STEPS + 2), val, _run_dir(path),
+        run_phases(build, lambda i, e: crashing_batches(x, y, BATCH, STEPS + 2), val, _run_dir(path),
                    recipe=recipe, verbose=0)
     raw, average = probes[0].after_batch[STEPS - 1]  # the end of epoch 1, before any swap
 
