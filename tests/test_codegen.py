@@ -52,6 +52,11 @@ def ct():
 @pytest.fixture(scope="module", params=["float32", "float64"])
 def pre_lib(request, ct, tmp_path_factory):
     ir = read_preprocessing(ct, sklearn_dtype=request.param)
+    return request.param, pre_library(ir, tmp_path_factory.mktemp("pre"), f"pre_{request.param}")
+
+
+def pre_library(ir, tmp_path, name):
+    """The preprocessing of `ir` alone, compiled with test entry points (12 raw inputs)."""
     # EFFGEN_PATH_AVX2 (as the library defines it on x86-64): effgen_preprocess_vec too
     src = ("#include <math.h>\n#if defined(__GNUC__) && defined(__x86_64__)\n#define EFFGEN_PATH_AVX2 1\n"
            "#endif\n" + generate_preprocessing(ir) + """
@@ -65,6 +70,19 @@ double test_ndtri(double p)
 {
     return effgen_ndtri(p);
 }
+#if defined(EFFGEN_VPRE)
+EFFGEN_VPRE_ATTR void test_vndtri(double *z, const double *p, long n)  /* n a multiple of 4 */
+{
+    long k;
+    for (k = 0; k < n; k += 4)
+        _mm256_storeu_pd(z + k, effgen_vndtri(_mm256_loadu_pd(p + k)));
+}
+#else
+void test_vndtri(double *z, const double *p, long n)
+{
+    (void)z, (void)p, (void)n;
+}
+#endif
 int test_has_vec(void)  /* 1: built and runnable; 0: built, no AVX2 here; -1: not built */
 {
 #if defined(EFFGEN_VPRE)
@@ -86,10 +104,17 @@ void test_pre_vec(float *z, const float *x, long n)
 }
 """)
     import ctypes
-    so = build(tmp_path_factory.mktemp("pre"), src, f"pre_{request.param}")
+    so = build(tmp_path, src, name)
     lib = ctypes.CDLL(str(so))
     lib.test_ndtri.argtypes, lib.test_ndtri.restype = [ctypes.c_double], ctypes.c_double
-    return request.param, lib
+    return lib
+
+
+def vector_path_runs(lib):
+    import platform
+    built = lib.test_has_vec()
+    assert built >= 0 or platform.machine() not in ("x86_64", "AMD64")
+    return built == 1
 
 
 def run_pre(lib, x, fn="test_pre"):
@@ -145,6 +170,74 @@ def test_vector_preprocessing_is_the_scalar_one_bit_for_bit(ct, pre_lib):
     scalar, vector = run_pre(lib, x), run_pre(lib, x, "test_pre_vec")
     assert np.isnan(scalar).any()
     np.testing.assert_array_equal(vector.view(np.uint32), scalar.view(np.uint32))
+
+
+def test_two_level_knot_search_finds_the_bisections_knot(tmp_path):
+    """effgen_preprocess_vec's knot search (block pivots, then one block compare) gives
+    effgen_preprocess's floats exactly for every group shape: no pivot (n <= 32), n not
+    a multiple of 32, more than 8 columns (two chunks), and the bisection kept beyond
+    2080 knots; knots, neighbours, the outside, infinities and NaN."""
+    from effgen.codegen.backends.effgen_c import _preprocessing_context
+    x = raw_features(20000, seed=4)
+    cases = {
+        "mixed": ColumnTransformer([
+            ("q20", QuantileTransformer(output_distribution="normal", n_quantiles=20), [0, 1]),
+            ("q100", QuantileTransformer(output_distribution="normal", n_quantiles=100), [2, 3, 4]),
+            ("q3000", QuantileTransformer(output_distribution="normal", n_quantiles=3000), [5, 6]),
+            ("q1000", QuantileTransformer(output_distribution="normal", n_quantiles=1000), [7])],
+            remainder="passthrough"),
+        "chunks": ColumnTransformer([
+            ("q50", QuantileTransformer(output_distribution="normal", n_quantiles=50), list(range(10)))],
+            remainder="passthrough"),
+    }
+    shapes = set()
+    for name, ct in cases.items():
+        ct.fit(x)
+        ir = read_preprocessing(ct)
+        for g in _preprocessing_context(ir)["qt_groups"]:
+            shapes.add((g["n"], g["pivot"], g.get("n_pivots"), len(g.get("chunks", []))))
+        lib = pre_library(ir, tmp_path, name)
+        if not vector_path_runs(lib):
+            pytest.skip("no AVX2 on this CPU (or not x86-64): the vector path cannot run here")
+        rows = [raw_features(20000, seed=6)]
+        rows[0][:, :10] *= np.float32(1.3)
+        quantiles = [t.quantiles_ for _, t, _ in ct.transformers_ if isinstance(t, QuantileTransformer)]
+        columns = [c for _, t, cols in ct.transformers_ if isinstance(t, QuantileTransformer) for c in cols]
+        k = 0
+        for q in quantiles:
+            for j in range(q.shape[1]):
+                v = edge_values(q[:, j])
+                block = np.repeat(raw_features(1, seed=k), len(v), axis=0)
+                block[:, columns[k]] = v
+                rows.append(block)
+                k += 1
+        rows = np.concatenate(rows)
+        rows[::97, :10] = np.nan
+        scalar, vector = run_pre(lib, rows), run_pre(lib, rows, "test_pre_vec")
+        np.testing.assert_array_equal(vector.view(np.uint32), scalar.view(np.uint32))
+    assert shapes == {(20, True, 0, 1), (100, True, 3, 1), (3000, False, None, 0), (1000, True, 31, 1),
+                      (50, True, 1, 2)}
+
+
+def test_vector_ndtri_is_the_scalar_one_bit_for_bit(pre_lib):
+    """effgen_vndtri (the central region in vectors, the tails lane by lane) gives
+    effgen_ndtri's doubles exactly, across the region boundaries and far tails."""
+    import ctypes
+    _, lib = pre_lib
+    if not vector_path_runs(lib):
+        pytest.skip("no AVX2 on this CPU (or not x86-64): the vector path cannot run here")
+    rng = np.random.default_rng(6)
+    edges = np.array([0.075, 0.925, 0.5, 1e-7, 1 - 1e-7, np.exp(-25.0), 1 - np.exp(-25.0), 0.0, 1.0,
+                      -0.5, 1.5, np.nan, 5e-324, 2.2250738585072014e-308, 1e-300, np.inf, -np.inf])
+    p = np.concatenate([rng.random(40000), 10.0 ** -rng.uniform(0, 320, 20000),
+                        1 - 10.0 ** -rng.uniform(1, 16, 10000), np.nextafter(edges, 2), edges,
+                        np.nextafter(edges, -2)])
+    p = rng.permutation(np.concatenate([p, np.zeros(-len(p) % 4)]))
+    z = np.empty_like(p)
+    dp = ctypes.POINTER(ctypes.c_double)
+    lib.test_vndtri(z.ctypes.data_as(dp), p.ctypes.data_as(dp), ctypes.c_long(len(p)))
+    expected = np.array([lib.test_ndtri(v) for v in p])
+    np.testing.assert_array_equal(z.view(np.uint64), expected.view(np.uint64))
 
 
 def test_repeated_quantiles_are_exercised(ct):

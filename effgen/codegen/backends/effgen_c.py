@@ -269,6 +269,7 @@ def _preprocessing_context(ir: PreprocessingIR):
                        "slopes": c_array(interp_slopes(col.quantiles, col.references), _c_slope,
                                          per_line=4),
                        "search": c_array(up, c_float, per_line=6) if np.isfinite(up).all() else None,
+                       "knots_f": up, "search_n": n,
                        "first_equal": c_array(first, str, per_line=12),
                        "index_type": "short" if n < 32768 else "int"})
         outputs.append({"kind": "quantile", "input_index": o.input_index, "table": len(tables) - 1,
@@ -282,6 +283,7 @@ def _preprocessing_context(ir: PreprocessingIR):
               for n in sizes]
     for g in groups:  # float knots (half the cache lines) where every column has them
         g["float"] = all(tables[o["table"]]["search"] is not None for o in g["cols"])
+        _pivot_search(g, tables)
     # lanes of the vector norm.ppf (effgen_preprocess_vec): quantile columns in search order
     lane = 0
     for g in groups:
@@ -289,7 +291,42 @@ def _preprocessing_context(ir: PreprocessingIR):
             o["lane"], lane = lane, lane + 1
     return {"tables": tables, "references": references, "index_type": index_type, "qt_groups": groups,
             "ir": ir, "outputs": outputs, "f32": ir.sklearn_dtype == "float32",
-            "n_quantile": lane, "n_quantile_lanes": -(-lane // 4) * 4}
+            "n_quantile": lane, "n_quantile_lanes": -(-lane // 4) * 4, "pivot_block": PIVOT_BLOCK}
+
+
+# The AVX paths' two-level knot search (effgen_preprocess_vec): blocks of PIVOT_BLOCK float
+# knots (one compare of 4 vectors of 8), found by counting the block pivots (every
+# PIVOT_BLOCK-th knot, 8 columns per vector) <= x; for groups of float knots with at most
+# PIVOT_MAX pivots (n <= 2080), else the bisection. PIVOT_BLOCK <= 32: one bit per knot
+# of a block in an unsigned mask.
+PIVOT_BLOCK = 32
+PIVOT_MAX = 64
+
+
+def _pivot_search(group, tables):
+    """Mark `group` for the two-level search where it applies: its float knot tables padded
+    to whole blocks with NaN (never <= x), and per chunk of 8 columns the pivots, lane by
+    lane (NaN in unused lanes)."""
+    n_blocks = -(-group["n"] // PIVOT_BLOCK)
+    group["pivot"] = group["float"] and n_blocks - 1 <= PIVOT_MAX
+    if not group["pivot"]:
+        return
+    group["n_pivots"] = n_blocks - 1
+    group["chunks"] = []
+    for first in range(0, len(group["cols"]), 8):
+        cols = group["cols"][first:first + 8]
+        piv = np.full((n_blocks - 1, 8), np.nan, dtype=np.float32)
+        for lane, o in enumerate(cols):
+            t = tables[o["table"]]
+            piv[:, lane] = t["knots_f"][PIVOT_BLOCK::PIVOT_BLOCK]
+        rows = ["{" + ", ".join(c_float(v) if np.isfinite(v) else "NAN" for v in r) + "}" for r in piv]
+        group["chunks"].append({"first": first, "cols": cols, "pivots": ",\n".join("            " + r for r in rows)})
+    for o in group["cols"]:
+        t = tables[o["table"]]
+        pad = n_blocks * PIVOT_BLOCK - t["n"]
+        t["search_n"] = n_blocks * PIVOT_BLOCK
+        if pad:
+            t["search"] += ",\n    " + ", ".join(["NAN"] * pad)
 
 
 def generate_preprocessing(ir: PreprocessingIR, input_names=None) -> str:
@@ -300,7 +337,7 @@ def generate_preprocessing(ir: PreprocessingIR, input_names=None) -> str:
     env = _env()
     decls = env.from_string(
         "{% for t in preprocessing.tables %}static const double effgen_qt{{ loop.index0 }}_q[{{ t.n }}];\n"
-        "{% if t.search %}static const float effgen_qt{{ loop.index0 }}_qf[{{ t.n }}];\n{% endif %}"
+        "{% if t.search %}static const float effgen_qt{{ loop.index0 }}_qf[{{ t.search_n }}];\n{% endif %}"
         "static const double effgen_qt{{ loop.index0 }}_slope[{{ t.n }}];\n"
         "static const {{ preprocessing.index_type }} effgen_qt{{ loop.index0 }}_first[{{ t.n }}];\n"
         "{% endfor %}{% for r in preprocessing.references %}"
