@@ -98,14 +98,33 @@ $(SAMPLE): | $(STAMP)
 $(TRAIN_DIR)/definitions.json $(TX) &: $(SAMPLE)
 	$(EFFGEN) preprocess --input $(SAMPLE) --output-dir $(W)/data --preprocessing $(TX) --seed $(SEED) --force
 
-$(MODEL): $(TRAIN_DIR)/definitions.json $(TX)
+# Distillation (issue 14, effgen/training/distill.py): TEACHERS networks of the recipe,
+# seeds SEED+1, SEED+2, ..., trained side by side (one per job slot, each its own log), then
+# the efficiency model trained on the mean of their probabilities: one network as close to
+# the truth as their mean. TEACHER_*/STUDENT_* split the training's minutes between them;
+# MAX_EPOCHS and FINE_TUNING_TIME_LIMIT_SECONDS, when set, override both. TEACHERS=0, or
+# RECIPE=seed (the notebook's recipe, exactly), trains on the labels directly.
+TEACHER_IDS := $(if $(filter seed,$(RECIPE)),,$(shell seq 1 $(TEACHERS)))
+TEACHER_MODELS := $(foreach k,$(TEACHER_IDS),$(W)/teachers/$(k)/model.keras)
+_train_knobs = $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
+	    $(if $(STEPS_PER_EPOCH),--steps-per-epoch $(STEPS_PER_EPOCH)) \
+	    $(if $(or $(MAX_EPOCHS),$(1)),--max-epochs $(or $(MAX_EPOCHS),$(1))) \
+	    $(if $(PRE_TRAINING_TIME_LIMIT_SECONDS),--pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS)) \
+	    $(if $(or $(FINE_TUNING_TIME_LIMIT_SECONDS),$(2)),--ft-limit $(or $(FINE_TUNING_TIME_LIMIT_SECONDS),$(2)))
+
+$(W)/teachers/%/model.keras: $(TRAIN_DIR)/definitions.json $(TX)
+	@mkdir -p $(dir $@) && echo "effgen: teacher $* training; its log: $(dir $@)train.log"
+	$(EFFGEN) train --resume --recipe $(RECIPE) --train-data $(TRAIN_DIR) \
+	    --validation-data $(VAL_DIR) --output $@ --seed $$(($(SEED) + $*)) \
+	    $(call _train_knobs,$(TEACHER_MAX_EPOCHS),$(TEACHER_TIME_LIMIT_SECONDS)) \
+	    > $(dir $@)train.log 2>&1 || { tail -n 40 $(dir $@)train.log; exit 1; }
+	@sed -n '/^effgen /s/^/[teacher $*] /p' $(dir $@)train.log
+
+$(MODEL): $(TRAIN_DIR)/definitions.json $(TX) $(TEACHER_MODELS)
 	$(EFFGEN) train --resume --recipe $(RECIPE) --train-data $(TRAIN_DIR) \
 	    --validation-data $(VAL_DIR) --output $@ --seed $(SEED) \
-	    $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
-	    $(if $(STEPS_PER_EPOCH),--steps-per-epoch $(STEPS_PER_EPOCH)) \
-	    $(if $(MAX_EPOCHS),--max-epochs $(MAX_EPOCHS)) \
-	    $(if $(PRE_TRAINING_TIME_LIMIT_SECONDS),--pre-limit $(PRE_TRAINING_TIME_LIMIT_SECONDS)) \
-	    $(if $(FINE_TUNING_TIME_LIMIT_SECONDS),--ft-limit $(FINE_TUNING_TIME_LIMIT_SECONDS))
+	    $(if $(TEACHER_MODELS),--teachers $(TEACHER_MODELS) \
+	    $(call _train_knobs,$(STUDENT_MAX_EPOCHS),$(STUDENT_TIME_LIMIT_SECONDS)),$(call _train_knobs))
 
 # The gradient-boosted baseline, fitted on the training split while the network trains
 # (one OpenMP thread when stages run side by side: spinning threads collapse on a full

@@ -30,10 +30,20 @@ MAX_EPOCHS ?=
 PRE_TRAINING_TIME_LIMIT_SECONDS ?=
 # last phase's time limit (a one-phase recipe's only limit)
 FINE_TUNING_TIME_LIMIT_SECONDS ?=
+# networks (seeds SEED+1, ...) whose mean probabilities the efficiency model learns in make's main job; 0: it learns the labels (RECIPE=seed: always)
+TEACHERS ?= 2
+# epochs of each teacher (MAX_EPOCHS overrides)
+TEACHER_MAX_EPOCHS ?= 20
+# each teacher's time limit (FINE_TUNING_TIME_LIMIT_SECONDS overrides)
+TEACHER_TIME_LIMIT_SECONDS ?= 270
+# epochs of the efficiency model learning from teachers (MAX_EPOCHS overrides)
+STUDENT_MAX_EPOCHS ?= 10
+# its time limit (FINE_TUNING_TIME_LIMIT_SECONDS overrides)
+STUDENT_TIME_LIMIT_SECONDS ?= 150
 # acceptance model's training time limit in make's main job (its recipe's last phase)
 ACCEPTANCE_TIME_LIMIT_SECONDS ?= 45
 # stages of make's main job run side by side (make -j) at most
-MAIN_JOBS ?= 2
+MAIN_JOBS ?= 3
 # trained resolution generator for tracking.so: a directory with model.keras, tX.pkl, tY.pkl (empty: none)
 RESOLUTION ?=
 # trained covariance generator for tracking.so, same layout (empty: none)

@@ -56,15 +56,30 @@ _KNOBS = (
     Knob("PRE_TRAINING_TIME_LIMIT_SECONDS", None, "float", "first phase's time limit", minimum=0),
     Knob("FINE_TUNING_TIME_LIMIT_SECONDS", None, "float",
          "last phase's time limit (a one-phase recipe's only limit)", minimum=0),
+    # Distillation (Makefile, effgen/training/distill.py; issue 14): two teachers of 20,000
+    # steps, then a student of 10,000 steps on their mean (4M-particle sample, test split):
+    # teachers long 0.00732 / 0.00716, student 0.00646 (baseline 0.00733), every class
+    # ~10 % better than a teacher. Teachers side by side (one per core, ~275 s each), the
+    # student on both cores (~90 s): ~2.5 minutes more than one network of 30,000 steps.
+    Knob("TEACHERS", 2, "int",
+         "networks (seeds SEED+1, ...) whose mean probabilities the efficiency model learns "
+         "in make's main job; 0: it learns the labels (RECIPE=seed: always)", minimum=0),
+    Knob("TEACHER_MAX_EPOCHS", 20, "int", "epochs of each teacher (MAX_EPOCHS overrides)", minimum=1),
+    Knob("TEACHER_TIME_LIMIT_SECONDS", 270, "float",
+         "each teacher's time limit (FINE_TUNING_TIME_LIMIT_SECONDS overrides)", minimum=0),
+    Knob("STUDENT_MAX_EPOCHS", 10, "int",
+         "epochs of the efficiency model learning from teachers (MAX_EPOCHS overrides)", minimum=1),
+    Knob("STUDENT_TIME_LIMIT_SECONDS", 150, "float",
+         "its time limit (FINE_TUNING_TIME_LIMIT_SECONDS overrides)", minimum=0),
     # 45 s of training + ~15 s of start-up, data loading and its check: about a minute,
-    # run beside the efficiency training's 360 s (MAIN_JOBS) in the main job's 10 (issue 14).
+    # run beside the teachers' training (MAIN_JOBS) in the main job's 10 (issue 14).
     Knob("ACCEPTANCE_TIME_LIMIT_SECONDS", 45, "float",
          "acceptance model's training time limit in make's main job (its recipe's last phase)",
          minimum=0),
     # export and the library build.
-    # The baseline fit and the acceptance training take one core beside the efficiency
-    # training, instead of ~2 minutes of the main job's 10 after it.
-    Knob("MAIN_JOBS", 2, "int", "stages of make's main job run side by side (make -j) at most",
+    # The two teachers and, beside them, the baseline fit then the acceptance training
+    # (one core's worth between them), instead of ~2 minutes of the main job's 10 after.
+    Knob("MAIN_JOBS", 3, "int", "stages of make's main job run side by side (make -j) at most",
          minimum=1),
     Knob("RESOLUTION", "", "str",
          "trained resolution generator for tracking.so: a directory with model.keras, tX.pkl, "

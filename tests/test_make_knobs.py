@@ -103,14 +103,42 @@ def test_make_passes_every_knob_to_every_stage(tmp_path):
         assert f"--preprocessing {work}/model/tX.pkl" in lines[stage]
 
 
-def test_unset_training_knobs_leave_the_recipe_its_values(tmp_path):
-    proc = _make("-n", "lamarr-lib", f"W={tmp_path / 'w'}")
+def _train_lines(*args):
+    proc = _make("-n", "lamarr-lib", *args)
     assert proc.returncode == 0, proc.stderr
-    train = [line for line in proc.stdout.replace("\\\n", " ").splitlines()
-             if "effgen train" in line and "--target acceptance" not in line][0]
+    return [" ".join(line.split()) for line in proc.stdout.replace("\\\n", " ").splitlines()
+            if "effgen train" in line and "--target acceptance" not in line]
+
+
+def test_unset_training_knobs_leave_the_recipe_its_values(tmp_path):
+    (train,) = _train_lines(f"W={tmp_path / 'w'}", "TEACHERS=0")
     assert "--recipe default" in train
-    for flag in ("--batch-size", "--steps-per-epoch", "--max-epochs", "--pre-limit", "--ft-limit"):
+    for flag in ("--batch-size", "--steps-per-epoch", "--max-epochs", "--pre-limit", "--ft-limit", "--teachers"):
         assert flag not in train, train
+
+
+def test_the_main_job_trains_teachers_then_the_model_on_their_mean(tmp_path):
+    work = tmp_path / "w"
+    *teachers, student = _train_lines(f"W={work}", "SEED=7", "TEACHERS=3", "TEACHER_MAX_EPOCHS=4",
+                                      "TEACHER_TIME_LIMIT_SECONDS=40", "STUDENT_MAX_EPOCHS=2",
+                                      "STUDENT_TIME_LIMIT_SECONDS=20")
+    models = [f"{work}/teachers/{k}/model.keras" for k in (1, 2, 3)]
+    assert len(teachers) == 3
+    for k, line in enumerate(teachers, start=1):
+        # Seeds 7 + k: other networks than the student's (seed 7) and each other's.
+        for flag in ("--recipe default", f"--output {models[k - 1]}", f"--seed $((7 + {k}))",
+                     "--max-epochs 4", "--ft-limit 40", f"> {work}/teachers/{k}/train.log"):
+            assert flag in line, line
+        assert "--teachers" not in line
+    for flag in ("--recipe default", f"--output {work}/model/model.keras", "--seed 7",
+                 "--teachers " + " ".join(models), "--max-epochs 2", "--ft-limit 20"):
+        assert flag in student, student
+    # MAX_EPOCHS and FINE_TUNING_TIME_LIMIT_SECONDS, when set, rule both.
+    for line in _train_lines(f"W={work}", "MAX_EPOCHS=3", "FINE_TUNING_TIME_LIMIT_SECONDS=9"):
+        assert "--max-epochs 3" in line and "--ft-limit 9" in line, line
+    # The notebook's recipe learns the labels, as the notebook did.
+    (seed,) = _train_lines(f"W={work}", "RECIPE=seed")
+    assert "--teachers" not in seed and "--recipe seed" in seed
 
 
 def test_output_model_in_the_environment_is_where_make_trains_and_exports(tmp_path):
@@ -182,7 +210,8 @@ def staged_work(tmp_path):
     src, hdr = render_abi(Core(source=CORE, row_fn="test_core"), symbol="efficiency",
                           input_names=[f"f{i}" for i in range(12)], manifest={"backend": "test"})
     files = [("data/sample.root", ""), ("data/train/definitions.json", "{}"),
-             ("model/tX.pkl", ""), ("model/model.keras", ""), ("lamarr/.backend", "effgen efficiency\n"),
+             ("model/tX.pkl", ""), ("teachers/1/model.keras", ""), ("teachers/2/model.keras", ""),
+             ("model/model.keras", ""), ("lamarr/.backend", "effgen efficiency\n"),
              ("lamarr/efficiency.h", hdr), ("lamarr/efficiency.c", src)]
     t0 = time.time() - 1000
     for i, (name, text) in enumerate(files):
@@ -300,7 +329,7 @@ def test_the_baseline_is_fitted_beside_the_training_and_validate_reads_it(tmp_pa
         return [" ".join(line.split()) for line in proc.stdout.replace("\\\n", " ").splitlines()]
 
     default = lines()
-    assert "-j2 lamarr-lib" in default[0], default[0]
+    assert "-j3 lamarr-lib" in default[0], default[0]
     baseline = next(line for line in default if "effgen baseline" in line)
     for flag in (f"--train-data {work}/data/train", f"--data {work}/data/test",
                  f"--output {work}/baseline/predictions.npz", "--seed 7", "--threads 1"):
@@ -315,4 +344,4 @@ def test_the_baseline_is_fitted_beside_the_training_and_validate_reads_it(tmp_pa
     alone = lines("MAIN_JOBS=1")
     assert "-j1 lamarr-lib" in alone[0]
     assert "--threads auto" in next(line for line in alone if "effgen baseline" in line)
-    assert "-j2" not in lines("-j3")[0]
+    assert "-j3" not in lines("-j4")[0]

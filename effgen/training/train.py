@@ -26,6 +26,7 @@ from effgen.errors import EffgenError, TrainingError
 from effgen.provenance import sha256_of
 from effgen.training.backend import BACKENDS, activate, describe_device
 from effgen.training.calibrate import calibrate_model
+from effgen.training.distill import load_teachers, mean_probabilities
 from effgen.training.feed import memory_batches, stream_batches
 from effgen.training.recipes import RECIPES, SEED, Recipe, get_recipe
 
@@ -604,7 +605,7 @@ def resolve_recipe(recipe, target="efficiency", **overrides) -> Recipe:
 def train(train_dir, validation_dir, output_model, *, recipe="default", batch_size=None,
           steps_per_epoch=None, max_epochs=None, pre_limit_s=None, ft_limit_s=None, width=None,
           blocks=None, seed=0, resume=False, verbose=2, target="efficiency",
-          test_dir=None, backend=None) -> dict:
+          test_dir=None, backend=None, teachers=None) -> dict:
     """Train by `recipe` (a Recipe or its name; the other keywords, when not None,
     override its values) on the shards in `train_dir`, validating on `validation_dir`;
     write `output_model` (.keras), history.json and loss.png beside it, and return the
@@ -612,7 +613,9 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
     `target` "acceptance" trains the acceptance model on the same shards (label: their
     `acceptance` column) and, given `test_dir`, writes its short check (acceptance.json).
     `backend` ("jax" or "tensorflow"; None: the recipe's) is the Keras backend; in a
-    process that has already imported Keras, the backend it has (effgen/training/backend.py)."""
+    process that has already imported Keras, the backend it has (effgen/training/backend.py).
+    `teachers`: .keras models whose mean probabilities replace the training labels
+    (effgen/training/distill.py); validation and calibration keep the true labels."""
     output_model = Path(output_model)
     if output_model.suffix != ".keras":
         raise ValueError(f"output model {output_model} must end in .keras (Keras requires it)")
@@ -620,6 +623,10 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
                             max_epochs=max_epochs, pre_limit_s=pre_limit_s, ft_limit_s=ft_limit_s,
                             width=width, blocks=blocks)
     batch_size = recipe.batch_size
+    teachers = [Path(t) for t in teachers or []]
+    if teachers and not recipe.in_memory:
+        raise ValueError(f"--teachers: recipe {recipe.name} streams its training split; distillation "
+                         "needs it in memory (a recipe with in_memory)")
 
     reader_class, build_network, _ = _target_parts(target)
     train_reader, val_reader = reader_class(train_dir), reader_class(validation_dir)
@@ -633,6 +640,9 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
     # A NaN in a shard would only show up as a NaN loss minutes into training.
     for reader in (train_reader, val_reader):
         reader.validate(progress=verbose > 0)
+    if teachers and train_reader.n_rows > MAX_IN_MEMORY_ROWS:
+        raise ValueError(f"--teachers: {train_dir} has {train_reader.n_rows:,} rows, more than the "
+                         f"{MAX_IN_MEMORY_ROWS:,} held in memory for distillation")
     if train_reader.n_rows < batch_size:
         raise ValueError(f"{train_dir} has {train_reader.n_rows} rows, fewer than one batch "
                          f"of {batch_size}: lower --batch-size")
@@ -649,8 +659,14 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
     for ph in recipe_key["phases"]:
         del ph["time_limit_s"], ph["max_epochs"]
     del recipe_key["max_epochs"]
+    teacher_models = None
+    if teachers:
+        teacher_models, digests = load_teachers(teachers, config["n_features"], config["n_classes"],
+                                                train_reader.preprocessing_sha256)
+        config["teachers"] = [{"path": str(t), "sha256": d} for t, d in zip(teachers, digests)]
     fingerprint = {"config": {k: config[k] for k in ("target", "width", "blocks", "batch_size",
                                                      "steps_per_epoch", "seed")},
+                   "teachers": [t["sha256"] for t in config.get("teachers", [])],
                    "recipe": recipe_key,
                    "train": _data_fingerprint(train_reader),
                    "validation": _data_fingerprint(val_reader)}
@@ -686,6 +702,12 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
     in_memory = recipe.in_memory and train_reader.n_rows <= MAX_IN_MEMORY_ROWS
     if in_memory:
         x_train, y_train = next(train_reader.iter_xy(train_reader.n_rows))
+        if teacher_models:
+            start = time.monotonic()
+            y_train = mean_probabilities(teacher_models, x_train)
+            if verbose:
+                print(f"effgen train: labels: the mean probabilities of {len(teacher_models)} teachers "
+                      f"on {len(x_train):,} rows ({time.monotonic() - start:.1f}s)", flush=True)
     config["data"] = "memory" if in_memory else "stream"
 
     def make_train_data(phase_index, epochs_done):
@@ -786,6 +808,9 @@ def register(subparsers):
     add_knob(p, "--backend", "TRAIN_BACKEND", choices=BACKENDS,
              help="Keras backend to train on (effgen/training/backend.py): jax (the default recipe's) "
                   "or tensorflow (the seed's); empty: the recipe's")
+    p.add_argument("--teachers", type=Path, nargs="+", default=None, metavar="MODEL",
+                   help="train on the mean of these models' probabilities instead of the labels "
+                        "(distillation, effgen/training/distill.py; in-memory recipes)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its checkpoint directory")
@@ -823,4 +848,4 @@ def _train_from_args(args):
           steps_per_epoch=args.steps_per_epoch, max_epochs=args.max_epochs,
           pre_limit_s=args.pre_limit, ft_limit_s=args.ft_limit, width=args.width,
           blocks=args.blocks, seed=args.seed, resume=args.resume, target=args.target,
-          test_dir=args.test_data, backend=args.backend or None)
+          test_dir=args.test_data, backend=args.backend or None, teachers=args.teachers)
