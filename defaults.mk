@@ -33,9 +33,9 @@ FINE_TUNING_TIME_LIMIT_SECONDS ?=
 # networks (seeds SEED+1, ...) whose mean probabilities the efficiency model learns in make's main job; 0: it learns the labels (RECIPE=seed: always)
 TEACHERS ?= 2
 # epochs of each teacher (MAX_EPOCHS overrides)
-TEACHER_MAX_EPOCHS ?= 20
+TEACHER_MAX_EPOCHS ?= 15
 # each teacher's time limit (FINE_TUNING_TIME_LIMIT_SECONDS overrides)
-TEACHER_TIME_LIMIT_SECONDS ?= 270
+TEACHER_TIME_LIMIT_SECONDS ?= 220
 # epochs of the efficiency model learning from teachers (MAX_EPOCHS overrides)
 STUDENT_MAX_EPOCHS ?= 10
 # its time limit (FINE_TUNING_TIME_LIMIT_SECONDS overrides)

@@ -59,13 +59,15 @@ _KNOBS = (
     # Distillation (Makefile, effgen/training/distill.py; issue 14): two teachers of 20,000
     # steps, then a student of 10,000 steps on their mean (4M-particle sample, test split):
     # teachers long 0.00732 / 0.00716, student 0.00646 (baseline 0.00733), every class
-    # ~10 % better than a teacher. Teachers side by side (one per core, ~275 s each), the
-    # student on both cores (~90 s): ~2.5 minutes more than one network of 30,000 steps.
+    # ~10 % better than a teacher. In the main job the teachers run side by side with the
+    # baseline and the acceptance beside them (~46k samples/s each): 20 epochs did not fit
+    # 270 s there (13 did; student long 0.00672; 9:12 wall), so 15 epochs within 220 s; the
+    # student runs on both cores (~90 s).
     Knob("TEACHERS", 2, "int",
          "networks (seeds SEED+1, ...) whose mean probabilities the efficiency model learns "
          "in make's main job; 0: it learns the labels (RECIPE=seed: always)", minimum=0),
-    Knob("TEACHER_MAX_EPOCHS", 20, "int", "epochs of each teacher (MAX_EPOCHS overrides)", minimum=1),
-    Knob("TEACHER_TIME_LIMIT_SECONDS", 270, "float",
+    Knob("TEACHER_MAX_EPOCHS", 15, "int", "epochs of each teacher (MAX_EPOCHS overrides)", minimum=1),
+    Knob("TEACHER_TIME_LIMIT_SECONDS", 220, "float",
          "each teacher's time limit (FINE_TUNING_TIME_LIMIT_SECONDS overrides)", minimum=0),
     Knob("STUDENT_MAX_EPOCHS", 10, "int",
          "epochs of the efficiency model learning from teachers (MAX_EPOCHS overrides)", minimum=1),

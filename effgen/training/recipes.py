@@ -267,6 +267,20 @@ DEFAULT = Recipe(
     # log10 p ventiles 3-6 (the edges above) and ahead at the high-eta end and the lowest
     # momenta. The direction this points to (not tried here: it costs training time) is
     # distilling an ensemble's (or the EMA's) probabilities into one network of this size.
+    # Round 4 (lead): distillation (effgen/training/distill.py, `train --teachers`; the main
+    # job's orchestration in the Makefile, its numbers in effgen/config.py). Students of
+    # this recipe, seed 7 or 13, trained on the mean probabilities of the teachers named
+    # (same sample and scoring as round 3):
+    #   teachers seeds 42 + 1 (28 epochs), student 28 epochs  0.00829 0.00674 0.00260 0.00160  0.252 %
+    #     student 14 epochs                                   0.00827 0.00670 0.00261 0.00157  0.253 %
+    #     student 10 epochs                                   0.00835 0.00675 0.00272 0.00156  0.250 %
+    #   teacher seed 42 alone, student 28 epochs              0.00890 0.00730 0.00290 0.00178  0.292 %
+    #   teachers seeds 11, 12 of 20 epochs each:              0.00900 0.00732 0.00303 0.00168  0.294 %
+    #                                                         0.00885 0.00716 0.00317 0.00165  0.284 %
+    #     their student, 10 epochs (88 s on 2 cores)          0.00794 0.00646 0.00278 0.00135  0.238 %
+    # A student reproduces what it learns from: one teacher's function (no gain), or two
+    # teachers' mean (~10 % on every class), in 10 epochs of soft labels. The main job:
+    # two teachers of 15 epochs side by side, then a student of 10 (effgen/config.py).
     l2=0.0, batch_size=1024, steps_per_epoch=1000, max_epochs=30, validation_rows=200_000,
     in_memory=True, calibration="scale_bias", steps_per_execution=10, backend="jax",
     phases=(
