@@ -104,7 +104,8 @@ $(TRAIN_DIR)/definitions.json $(TX) &: $(SAMPLE)
 # the truth as their mean. TEACHER_*/STUDENT_* split the training's minutes between them;
 # MAX_EPOCHS and FINE_TUNING_TIME_LIMIT_SECONDS, when set, override both. TEACHERS=0, or
 # RECIPE=seed (the notebook's recipe, exactly), trains on the labels directly.
-TEACHER_IDS := $(if $(filter seed,$(RECIPE)),,$(shell seq 1 $(TEACHERS)))
+$(if $(filter-out 0 1 2 3 4 5 6 7 8 9,$(TEACHERS))$(if $(TEACHERS),,x),$(error effgen: TEACHERS='$(TEACHERS)' must be a whole number from 0 to 9))
+TEACHER_IDS := $(if $(filter seed,$(RECIPE)),,$(wordlist 1,$(TEACHERS),1 2 3 4 5 6 7 8 9))
 TEACHER_MODELS := $(foreach k,$(TEACHER_IDS),$(W)/teachers/$(k)/model.keras)
 _train_knobs = $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
 	    $(if $(STEPS_PER_EPOCH),--steps-per-epoch $(STEPS_PER_EPOCH)) \

@@ -139,6 +139,9 @@ def test_the_main_job_trains_teachers_then_the_model_on_their_mean(tmp_path):
     # The notebook's recipe learns the labels, as the notebook did.
     (seed,) = _train_lines(f"W={work}", "RECIPE=seed")
     assert "--teachers" not in seed and "--recipe seed" in seed
+    for bad in ("x", "10", "-1", "1.5", ""):
+        proc = _make("-n", "lamarr-lib", f"W={work}", f"TEACHERS={bad}")
+        assert proc.returncode != 0 and f"TEACHERS='{bad}' must be a whole number from 0 to 9" in proc.stderr
 
 
 def test_output_model_in_the_environment_is_where_make_trains_and_exports(tmp_path):
