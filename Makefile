@@ -22,6 +22,8 @@ SAFE_CHARS := a b c d e f g h i j k l m n o p q r s t u v w x y z \
               0 1 2 3 4 5 6 7 8 9 . _ - + / @
 _strip_safe = $(if $(2),$(call _strip_safe,$(subst $(firstword $(2)),,$(1)),$(wordlist 2,$(words $(2)),$(2))),$(1))
 _unsafe = $(or $(filter-out 1,$(words $(1))),$(call _strip_safe,$(1),$(SAFE_CHARS)))
+# A one-digit whole number (TEACHERS).
+_one_digit = $(and $(filter 1,$(words $(1))),$(filter 0 1 2 3 4 5 6 7 8 9,$(1)))
 PATH_VARS := W OUTPUT_MODEL OUTPUT_PREPROCESSING TRAIN_DATA VALIDATION_DATA TEST_DATA SYMBOL BACKEND
 $(foreach v,$(PATH_VARS),$(if $(call _unsafe,$($(v))),$(error effgen: $(v)='$($(v))' is empty or holds a space or a shell character; use letters, digits and ._-+/@ only)))
 $(foreach d,/ . .. ./ ../,$(if $(filter $(d),$(W)),$(error effgen: W=$(W) would put the work directory over something else; choose a directory of its own)))
@@ -43,6 +45,11 @@ $(call _check_data,TEST,test)
 # A generator directory must hold what its export needs, said before hours of work.
 $(foreach v,$(GENERATORS),$(if $($(v)),$(foreach f,model.keras tX.pkl tY.pkl,$(if $(wildcard $($(v))/$(f)),,\
   $(error effgen: $(v)=$($(v)) holds no $(f) (a generator directory holds model.keras, tX.pkl and tY.pkl))))))
+# The teachers' seeds are SEED+1, ... by shell arithmetic: digits only, no leading zero
+# (which the shell would read as octal).
+$(if $(call _one_digit,$(TEACHERS)),,$(error effgen: TEACHERS='$(TEACHERS)' must be a whole number from 0 to 9))
+$(if $(and $(filter-out 0,$(TEACHERS)),$(or $(filter 0%,$(filter-out 0,$(SEED))),$(call _strip_safe,$(SEED),0 1 2 3 4 5 6 7 8 9),$(if $(SEED),,x))),\
+  $(error effgen: SEED='$(SEED)' must be written in plain digits (no sign, point, exponent or leading zero) when TEACHERS > 0))
 endif
 
 CFLAGS_LIB  = $(LIB_CFLAGS) $(ARCH_FLAGS) $(LIB_LDFLAGS)
@@ -104,8 +111,7 @@ $(TRAIN_DIR)/definitions.json $(TX) &: $(SAMPLE)
 # the truth as their mean. TEACHER_*/STUDENT_* split the training's minutes between them;
 # MAX_EPOCHS and FINE_TUNING_TIME_LIMIT_SECONDS, when set, override both. TEACHERS=0, or
 # RECIPE=seed (the notebook's recipe, exactly), trains on the labels directly.
-$(if $(filter-out 0 1 2 3 4 5 6 7 8 9,$(TEACHERS))$(if $(TEACHERS),,x),$(error effgen: TEACHERS='$(TEACHERS)' must be a whole number from 0 to 9))
-TEACHER_IDS := $(if $(filter seed,$(RECIPE)),,$(wordlist 1,$(TEACHERS),1 2 3 4 5 6 7 8 9))
+TEACHER_IDS := $(if $(filter seed,$(RECIPE)),,$(if $(call _one_digit,$(TEACHERS)),$(wordlist 1,$(TEACHERS),1 2 3 4 5 6 7 8 9)))
 TEACHER_MODELS := $(foreach k,$(TEACHER_IDS),$(W)/teachers/$(k)/model.keras)
 _train_knobs = $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
 	    $(if $(STEPS_PER_EPOCH),--steps-per-epoch $(STEPS_PER_EPOCH)) \

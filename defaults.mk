@@ -30,7 +30,7 @@ MAX_EPOCHS ?=
 PRE_TRAINING_TIME_LIMIT_SECONDS ?=
 # last phase's time limit (a one-phase recipe's only limit)
 FINE_TUNING_TIME_LIMIT_SECONDS ?=
-# networks (seeds SEED+1, ...) whose mean probabilities the efficiency model learns in make's main job; 0: it learns the labels (RECIPE=seed: always)
+# networks (seeds SEED+1, ...) whose mean probabilities the efficiency model learns in make's main job, 0 to 9; 0: it learns the labels (RECIPE=seed: always)
 TEACHERS ?= 2
 # epochs of each teacher (MAX_EPOCHS overrides)
 TEACHER_MAX_EPOCHS ?= 15

@@ -65,7 +65,7 @@ _KNOBS = (
     # student runs on both cores (~90 s).
     Knob("TEACHERS", 2, "int",
          "networks (seeds SEED+1, ...) whose mean probabilities the efficiency model learns "
-         "in make's main job; 0: it learns the labels (RECIPE=seed: always)", minimum=0),
+         "in make's main job, 0 to 9; 0: it learns the labels (RECIPE=seed: always)", minimum=0),
     Knob("TEACHER_MAX_EPOCHS", 15, "int", "epochs of each teacher (MAX_EPOCHS overrides)", minimum=1),
     Knob("TEACHER_TIME_LIMIT_SECONDS", 220, "float",
          "each teacher's time limit (FINE_TUNING_TIME_LIMIT_SECONDS overrides)", minimum=0),

@@ -44,6 +44,12 @@ def _capture_labels(monkeypatch):
 def test_the_student_trains_on_the_mean_of_its_teachers_probabilities(tiny_dataset, teachers, tmp_path,
                                                                       monkeypatch):
     seen = _capture_labels(monkeypatch)
+    real_run_phases = train_module.run_phases
+
+    def run_phases(build, make_train_data, validation_data, *args, **kwargs):
+        seen["validation"] = validation_data
+        return real_run_phases(build, make_train_data, validation_data, *args, **kwargs)
+    monkeypatch.setattr(train_module, "run_phases", run_phases)
     out = tmp_path / "student.keras"
     history = train_module.train(tiny_dataset["train"], tiny_dataset["validation"], out, seed=3,
                                  teachers=teachers, **SMALL)
@@ -58,8 +64,13 @@ def test_the_student_trains_on_the_mean_of_its_teachers_probabilities(tiny_datas
     recorded = history["config"]["teachers"]
     assert [r["path"] for r in recorded] == [str(t) for t in teachers]
     assert all(len(r["sha256"]) == 64 for r in recorded)
-    # Calibration still fits the validation split's true label fractions.
+    # Validation (the best-epoch choice) sees the validation split's true labels...
     val = FeatherReader(tiny_dataset["validation"])
+    validation = seen["validation"]
+    _, y_seen = validation if isinstance(validation, tuple) else next(iter(validation))
+    _, y_val = next(val.iter_xy(len(y_seen)))
+    np.testing.assert_array_equal(np.asarray(y_seen), y_val)
+    # ... and calibration fits their fractions.
     xv, yv = next(val.iter_xy(history["calibration"]["rows"]))
     pred = keras.models.load_model(out).predict(xv, verbose=0)
     np.testing.assert_allclose(pred.mean(0), yv.mean(0), atol=2e-5)
@@ -72,7 +83,7 @@ def test_mean_probabilities_in_batches_is_the_mean_of_whole_predictions(teachers
     np.testing.assert_allclose(mean_probabilities(models, x, batch_size=300), whole, rtol=0, atol=1e-6)
 
 
-def test_a_teacher_of_another_shape_is_refused_by_name(tiny_dataset, tmp_path):
+def test_a_teacher_of_another_shape_is_refused_by_name(tiny_dataset, tmp_path, capsys):
     wrong = tmp_path / "wide.keras"
     inputs = keras.Input((12,))
     keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs)).save(wrong)
@@ -83,6 +94,7 @@ def test_a_teacher_of_another_shape_is_refused_by_name(tiny_dataset, tmp_path):
     assert main(["train", "--train-data", str(tiny_dataset["train"]), "--validation-data",
                  str(tiny_dataset["validation"]), "--output", str(tmp_path / "s.keras"),
                  "--teachers", str(missing)]) == 1
+    assert f"teacher {missing} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "s.keras").exists()
 
 

@@ -139,9 +139,14 @@ def test_the_main_job_trains_teachers_then_the_model_on_their_mean(tmp_path):
     # The notebook's recipe learns the labels, as the notebook did.
     (seed,) = _train_lines(f"W={work}", "RECIPE=seed")
     assert "--teachers" not in seed and "--recipe seed" in seed
-    for bad in ("x", "10", "-1", "1.5", ""):
+    for bad in ("x", "10", "-1", "1.5", "", "1 2"):
         proc = _make("-n", "lamarr-lib", f"W={work}", f"TEACHERS={bad}")
         assert proc.returncode != 0 and f"TEACHERS='{bad}' must be a whole number from 0 to 9" in proc.stderr
+    # The teachers' seeds are shell arithmetic: a leading zero would be octal (010 + 1 = 9).
+    for bad in ("010", "08", "42.0", "1e2", "-3"):
+        proc = _make("-n", "lamarr-lib", f"W={work}", f"SEED={bad}")
+        assert proc.returncode != 0 and f"SEED='{bad}' must be written in plain digits" in proc.stderr
+    assert _train_lines(f"W={work}", "SEED=010", "TEACHERS=0")  # no teachers: any SEED the table takes
 
 
 def test_output_model_in_the_environment_is_where_make_trains_and_exports(tmp_path):

@@ -2,7 +2,7 @@
 
 Networks trained alike from different seeds err differently: on the main job's sample two
 default-recipe runs' long-track errors correlate at 0.76 row by row, and the mean of their
-probabilities is ~8 % closer to the truth on every class than either (issue 14). A mean
+probabilities is 8-10 % closer to the truth on every class than either (issue 14). A mean
 of networks is not one network the code generator can deploy at one network's cost, but
 a network of the same size trained on that mean as its labels (soft labels, the same
 cross-entropy) reproduces it: on the same rows, a student of two teachers scored what

@@ -642,7 +642,7 @@ def train(train_dir, validation_dir, output_model, *, recipe="default", batch_si
         reader.validate(progress=verbose > 0)
     if teachers and train_reader.n_rows > MAX_IN_MEMORY_ROWS:
         raise ValueError(f"--teachers: {train_dir} has {train_reader.n_rows:,} rows, more than the "
-                         f"{MAX_IN_MEMORY_ROWS:,} held in memory for distillation")
+                         f"{MAX_IN_MEMORY_ROWS:,} held in memory for distillation (make: TEACHERS=0)")
     if train_reader.n_rows < batch_size:
         raise ValueError(f"{train_dir} has {train_reader.n_rows} rows, fewer than one batch "
                          f"of {batch_size}: lower --batch-size")
