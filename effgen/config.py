@@ -61,8 +61,9 @@ _KNOBS = (
     # teachers long 0.00732 / 0.00716, student 0.00646 (baseline 0.00733), every class
     # ~10 % better than a teacher. In the main job the teachers run side by side with the
     # baseline and the acceptance beside them (~46k samples/s each): 20 epochs did not fit
-    # 270 s there (13 did; student long 0.00672; 9:12 wall), so 15 epochs within 220 s; the
-    # student runs on both cores (~90 s).
+    # 270 s there (13 did; student long 0.00672; 9:12 wall), so at most 15 epochs within
+    # 220 s (10-11 fit on this 2-core machine: student long 0.00677, 0.00686; ~8 min wall);
+    # the student runs on both cores (~90 s).
     Knob("TEACHERS", 2, "int",
          "networks (seeds SEED+1, ...) whose mean probabilities the efficiency model learns "
          "in make's main job, 0 to 9; 0: it learns the labels (RECIPE=seed: always)", minimum=0),
